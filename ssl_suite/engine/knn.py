@@ -1,0 +1,72 @@
+"""Weighted k-nearest-neighbour monitor (Wu et al. 2018, InstDisc; lightly's k=200, t=0.1).
+
+Features are L2-normalised encoder outputs; each test image votes with its k most similar
+training images, weighting class c by ``sum exp(sim / t)`` over the neighbours of class c.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.loader import iterate_eval
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset, batch_size: int, device: torch.device,
+                     transform: Callable[[torch.Tensor], torch.Tensor],
+                     autocast: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (float32, on ``device``) and labels of a whole dataset.
+
+    The encoder runs in eval mode (running BN statistics) and is put back in its former mode.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for images, lab in iterate_eval(dataset, batch_size):
+            x = transform(images.to(device, non_blocking=True))
+            with (autocast() if autocast is not None else nullcontext()):
+                f = encoder(x)
+            feats.append(F.normalize(f.float(), dim=-1))
+            labels.append(lab.to(device))
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def weighted_knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor,
+                         test_feats: torch.Tensor, num_classes: int, k: int = 200,
+                         temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (N_test, C) from cosine-similarity-weighted votes of the k nearest."""
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for i in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[i:i + chunk] @ train_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes: int,
+                 k: int = 200, temperature: float = 0.1) -> float:
+    """Top-1 accuracy (in [0, 1]) of the weighted kNN classifier."""
+    scores = weighted_knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
+    return (scores.argmax(1) == test_labels).float().mean().item()
+
+
+def evaluate_knn(encoder: nn.Module, train_set, test_set, num_classes: int, device, transform,
+                 k: int = 200, temperature: float = 0.1, batch_size: int = 256,
+                 autocast: Optional[Callable] = None) -> float:
+    """Extract features of both splits and return the weighted kNN top-1 accuracy."""
+    tr_f, tr_l = extract_features(encoder, train_set, batch_size, device, transform, autocast)
+    te_f, te_l = extract_features(encoder, test_set, batch_size, device, transform, autocast)
+    return knn_accuracy(tr_f, tr_l, te_f, te_l, num_classes, k, temperature)

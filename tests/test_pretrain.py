@@ -1,0 +1,155 @@
+"""End-to-end pretraining on the digits data: a short run, kill-and-resume, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ssl_suite.engine.pretrain as pretrain_mod
+from ssl_suite.cli import main
+from ssl_suite.engine import checkpoint as ckpt
+from ssl_suite.engine.pretrain import pretrain
+
+from helpers import tiny_config, tiny_overrides
+
+
+def _states(run_dir):
+    last = ckpt.latest_checkpoint(run_dir)
+    return (load_file(str(last / "online.safetensors")), load_file(str(last / "target.safetensors")),
+            torch.load(last / "state.pt", weights_only=True))
+
+
+def test_short_run_writes_metrics_checkpoint_and_knn(tmp_path):
+    res = pretrain(tiny_config(tmp_path / "run", **{"train.max_steps": 3}))
+    assert res.step == 3 and res.final_loss is not None and 0.0 <= res.final_loss <= 8.0
+    assert 0.0 < res.knn_init <= 1.0 and 0.0 < res.knn_final <= 1.0
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert {"lr", "tau", "images_per_s"} <= set(recs[1])
+    assert recs[0] == {"step": 0, "epoch": 0, "knn_top1": res.knn_init}
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    online, target, state = _states(tmp_path / "run")
+    assert state["step"] == 3 and "optimizer" in state and "scheduler" in state
+    # the target moved towards the online network but is not equal to it
+    assert not torch.equal(online["encoder.conv1.weight"], target["encoder.conv1.weight"])
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    n = 3
+    full = tiny_config(tmp_path / "full", **{"train.max_steps": 2 * n})
+    pretrain(full)
+
+    killed = tiny_config(tmp_path / "killed", **{"train.max_steps": 2 * n, "train.checkpoint_every": n})
+    real_finish = ckpt.finish_save
+
+    class Killed(Exception):
+        pass
+
+    def finish_then_die(tmp, keep):
+        out = real_finish(tmp, keep)
+        raise Killed()
+    monkeypatch.setattr(ckpt, "finish_save", finish_then_die)
+    with pytest.raises(Killed):
+        pretrain(killed)
+    monkeypatch.setattr(ckpt, "finish_save", real_finish)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "killed")] == [f"step_{n:08d}"]
+    # the killed run logged up to step n; resume continues from the checkpoint
+    res = pretrain(pretrain_mod.resume_config(str(tmp_path / "killed")),
+                   resume_dir=str(tmp_path / "killed"))
+    assert res.step == 2 * n
+    a_on, a_tg, a_st = _states(tmp_path / "full")
+    b_on, b_tg, b_st = _states(tmp_path / "killed")
+    for k in a_on:
+        assert torch.equal(a_on[k], b_on[k]), k
+    for k in a_tg:
+        assert torch.equal(a_tg[k], b_tg[k]), k
+    for i, s in a_st["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b_st["optimizer"]["state"][i]["momentum_buffer"])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 2 * n + 1))  # no duplicated lines after the resume
+
+
+def _run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_key_and_wrong_type_are_one_line(tmp_path, capsys):
+    code, err = _run_cli(["pretrain", "train.epoch=3"], capsys)
+    assert code == 2 and "train.epoch: unknown key" in err and len(err.splitlines()) == 1
+    code, err = _run_cli(["pretrain", "train.batch_size=big"], capsys)
+    assert code == 2 and err == "ssl-suite: error: train.batch_size: expected an integer, got 'big'"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  momentum: 2.0\n")
+    code, err = _run_cli(["pretrain", "--config", str(bad)], capsys)
+    assert code == 2 and "optim.momentum: 2.0 is above the maximum 1.0" in err
+
+
+def test_missing_data_root_is_one_line(tmp_path, capsys):
+    code, err = _run_cli(["pretrain", f"run_dir={tmp_path}/r", "data.name=cifar10",
+                          f"data.root={tmp_path}/nope"], capsys)
+    assert code == 2 and "data.root" in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_image_stops_with_path_or_is_skipped(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (20, 18), (i * 20, 40 if c == "a" else 200, 90)).save(root / c / f"{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"not an image at all")
+    common = tiny_overrides(tmp_path / "r1", **{"data.name": "imagefolder", "data.root": str(root),
+                                                "data.num_workers": 0, "train.batch_size": 8,
+                                                "train.max_steps": 3, "data.holdout_fraction": 0.2})
+    code, err = _run_cli(["pretrain", *common, "data.on_corrupt=error"], capsys)
+    assert code == 2 and "broken.png" in err and len(err.splitlines()) == 1
+    code, _ = _run_cli(["pretrain", *common, f"run_dir={tmp_path}/r2", "data.on_corrupt=skip"], capsys)
+    assert code == 0 and ckpt.latest_checkpoint(tmp_path / "r2") is not None
+
+
+def test_corrupt_checkpoint_is_one_line_and_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, **{"train.max_steps": 2}))
+    last = ckpt.latest_checkpoint(run)
+    data = (last / "online.safetensors").read_bytes()
+    (last / "online.safetensors").write_bytes(data[: len(data) // 3])
+    code, err = _run_cli(["pretrain", "--resume", str(run)], capsys)
+    assert code == 2 and "online.safetensors is corrupt" in err and len(err.splitlines()) == 1
+    assert (last / "online.safetensors").stat().st_size == len(data) // 3  # nothing deleted
+    (last / "state.pt").write_bytes(b"garbage")
+    (last / "online.safetensors").write_bytes(data)
+    code, err = _run_cli(["pretrain", "--resume", str(run)], capsys)
+    assert code == 2 and "state.pt is corrupt" in err
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, **{"train.max_steps": 1}))
+    code, err = _run_cli(["pretrain", *tiny_overrides(run)], capsys)
+    assert code == 2 and "already holds checkpoints" in err
+    assert ckpt.latest_checkpoint(run).name == "step_00000001"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss = pretrain_mod.byol_loss
+
+    def loss_goes_nan(*args):
+        calls["n"] += 1
+        out = real_loss(*args)
+        return out * float("nan") if calls["n"] > 2 else out
+    monkeypatch.setattr(pretrain_mod, "byol_loss", loss_goes_nan)
+    code, err = _run_cli(["pretrain", *tiny_overrides(run, **{"train.max_steps": 6,
+                                                              "train.checkpoint_every": 2})], capsys)
+    assert code == 3 and "loss became nan by step 3" in err and "step_00000002" in err
+    assert len(err.splitlines()) == 1
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002"]
+    online = load_file(str(ckpt.latest_checkpoint(run) / "online.safetensors"))
+    assert all(torch.isfinite(v).all() for v in online.values())
