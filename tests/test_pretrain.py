@@ -153,3 +153,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002"]
     online = load_file(str(ckpt.latest_checkpoint(run) / "online.safetensors"))
     assert all(torch.isfinite(v).all() for v in online.values())
+
+
+def test_grad_checkpointing_gives_the_same_step(tmp_path):
+    """timm's set_grad_checkpointing trades compute for memory, not results (parameters; BN
+    running statistics are updated again by the recomputed forward)."""
+    a = pretrain(tiny_config(tmp_path / "a", **{"train.max_steps": 2}))
+    b = pretrain(tiny_config(tmp_path / "b", **{"train.max_steps": 2, "train.grad_checkpointing": True}))
+    for (k, va), vb in zip(a.online.named_parameters(), b.online.parameters()):
+        assert torch.allclose(va, vb, atol=1e-5), k
+
+
+def test_bf16_autocast_run_trains(tmp_path):
+    res = pretrain(tiny_config(tmp_path / "bf16", **{"train.max_steps": 3, "train.precision": "bf16"}))
+    assert res.final_loss is not None and 0.0 <= res.final_loss <= 8.0
+    assert all(p.dtype == torch.float32 for p in res.online.parameters())  # master weights stay fp32
+
+
+def test_fp16_without_cuda_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: fp16 is allowed")
+    code, err = _run_cli(["pretrain", *tiny_overrides(tmp_path / "r"), "train.precision=fp16"], capsys)
+    assert code == 2 and "train.precision: fp16 needs a CUDA device" in err
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "ssl_suite", "pretrain", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--resume RUN_DIR" in out.stdout

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader
 
 
@@ -59,7 +60,8 @@ class BatchPlan:
     def local_indices(self, epoch: int, step: int, rank: int,
                       perm: torch.Tensor | None = None) -> list[torch.Tensor]:
         """This process's micro-batches for one optimizer step (a list of ``accum`` tensors)."""
-        idx = self.global_indices(epoch, step, perm).view(self.accum, self.world, self.micro_batch)
+        idx = rearrange(self.global_indices(epoch, step, perm), "(a w b) -> a w b",
+                        a=self.accum, w=self.world)
         return list(idx[:, rank].unbind(0))
 
 

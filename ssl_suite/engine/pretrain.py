@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from ..augment import BYOLAugment, eval_transform
@@ -65,6 +66,12 @@ def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on a CPU")
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = multi_process and not torch.cuda.is_available()
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", state.get("mixed_precision")) != precision:
+        # Accelerate keeps one state per process; a second run in the same process (a notebook,
+        # a comparison of several configs) may ask for another precision. The process group
+        # (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None,
                        project_dir=str(project_dir) if project_dir else None)
 
@@ -307,6 +314,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
             if main and acc is not None:
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc})
                 bar.write(f"epoch {step // steps_per_epoch}: kNN top-1 {acc:.4f}")
+            t_last, images_since = time.perf_counter(), 0  # keep evaluation out of images/s
     bar.close()
 
     save(total_steps)
