@@ -96,3 +96,17 @@ def test_ema_pairs_update_moves_target_toward_online():
     ema_update_(tgt, src, tau=0.99)
     for b, t, s in zip(before, tgt, src):
         assert torch.allclose(t, 0.99 * b + 0.01 * s, atol=1e-6)
+
+
+def test_weighted_knn_by_hand():
+    from ssl_suite.engine.knn import knn_accuracy, weighted_knn_predict
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[0.6, 0.8]])
+    scores = weighted_knn_predict(train, labels, query, num_classes=2, k=2, temperature=0.5)
+    # neighbours: [0.8,0.6] (sim 0.96) and [0,1] (sim 0.8), both class 1; class 0 not in top-2
+    expected = torch.tensor([[0.0, math.exp(0.96 / 0.5) + math.exp(0.8 / 0.5)]])
+    assert torch.allclose(scores, expected, rtol=1e-5)
+    assert knn_accuracy(train, labels, query, torch.tensor([1]), 2, k=2, temperature=0.5) == 1.0
+    # k=3 with a low temperature: the nearest sample dominates
+    assert weighted_knn_predict(train, labels, torch.tensor([[1.0, 0.05]]), 2, 3, 0.01).argmax() == 0

@@ -183,3 +183,8 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "ssl_suite", "pretrain", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--resume RUN_DIR" in out.stdout
+
+
+def test_unknown_tracker_is_one_line(tmp_path, capsys):
+    code, err = _run_cli(["pretrain", *tiny_overrides(tmp_path / "r"), "train.trackers=[nonsense]"], capsys)
+    assert code == 2 and err.startswith("ssl-suite: error: train.trackers: Unsupported logging")

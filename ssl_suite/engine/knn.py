@@ -6,12 +6,14 @@ training images, weighting class c by ``sum exp(sim / t)`` over the neighbours o
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.loader import iterate_eval
 
@@ -19,7 +21,8 @@ from ..data.loader import iterate_eval
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, batch_size: int, device: torch.device,
                      transform: Callable[[torch.Tensor], torch.Tensor],
-                     autocast: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     autocast: Optional[Callable] = None,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (float32, on ``device``) and labels of a whole dataset.
 
     The encoder runs in eval mode (running BN statistics) and is put back in its former mode.
@@ -27,8 +30,10 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, device: torch
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
+    batches = tqdm(iterate_eval(dataset, batch_size), total=math.ceil(len(dataset) / batch_size),
+                   desc="features", leave=False, disable=not progress)
     try:
-        for images, lab in iterate_eval(dataset, batch_size):
+        for images, lab in batches:
             x = transform(images.to(device, non_blocking=True))
             with (autocast() if autocast is not None else nullcontext()):
                 f = encoder(x)
@@ -65,8 +70,10 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
 
 def evaluate_knn(encoder: nn.Module, train_set, test_set, num_classes: int, device, transform,
                  k: int = 200, temperature: float = 0.1, batch_size: int = 256,
-                 autocast: Optional[Callable] = None) -> float:
+                 autocast: Optional[Callable] = None, progress: bool = False) -> float:
     """Extract features of both splits and return the weighted kNN top-1 accuracy."""
-    tr_f, tr_l = extract_features(encoder, train_set, batch_size, device, transform, autocast)
-    te_f, te_l = extract_features(encoder, test_set, batch_size, device, transform, autocast)
+    tr_f, tr_l = extract_features(encoder, train_set, batch_size, device, transform, autocast,
+                                  progress)
+    te_f, te_l = extract_features(encoder, test_set, batch_size, device, transform, autocast,
+                                  progress)
     return knn_accuracy(tr_f, tr_l, te_f, te_l, num_classes, k, temperature)

@@ -72,8 +72,13 @@ def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None
         # a comparison of several configs) may ask for another precision. The process group
         # (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None,
-                       project_dir=str(project_dir) if project_dir else None)
+    try:
+        return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None,
+                           project_dir=str(project_dir) if project_dir else None)
+    except ValueError as e:
+        if trackers and "logging capability" in str(e):
+            raise ConfigError(f"train.trackers: {e}") from None
+        raise
 
 
 def _seed_all(seed: int) -> None:
@@ -198,7 +203,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
         if main:
             acc = evaluate_knn(raw_online.encoder, data.knn_train, data.knn_test,
                                data.num_classes, device, eval_tf, tc.knn_k, tc.knn_temperature,
-                               tc.eval_batch_size, accelerator.autocast)
+                               tc.eval_batch_size, accelerator.autocast, progress=tc.progress)
         accelerator.wait_for_everyone()
         return acc
 
