@@ -65,6 +65,10 @@ class DataConfig:
     num_workers: int = _f(4, min=0, max=256, help="decode workers for imagefolder")
     knn_train_limit: Optional[int] = _f(None, min=1,
                                         help="cap on labelled images used as kNN memory bank")
+    label_fraction: float = _f(0.1, min_exclusive=0.0, max=1.0,
+                               help="finetune: class-balanced fraction of the labels (seeded)")
+    label_split_file: Optional[str] = _f(
+        None, help="finetune: file listing the labelled images (SimCLR 1%/10% split files)")
 
 
 @dataclass
@@ -199,6 +203,64 @@ class Config:
     optim: OptimConfig = _sub(OptimConfig)
     schedule: ScheduleConfig = _sub(ScheduleConfig)
     train: TrainConfig = _sub(TrainConfig)
+
+
+@dataclass
+class LinearEvalConfig:
+    """Linear evaluation (BYOL App. C.1): frozen encoder and BN, a linear classifier on pooled
+    features, SGD with Nesterov momentum, no weight decay, cosine LR; LR swept on a held-out part
+    of the training split, the best one retrained on the whole split and reported on test."""
+
+    mode: Literal["cached", "augmented"] = _f(
+        "cached", help="cached: features extracted once (seconds); augmented: crop+flip per epoch")
+    lrs: list[float] = _f([0.4, 0.3, 0.2, 0.1, 0.05], help="LR sweep (absolute, as the paper)")
+    epochs: int = _f(80, min=1)
+    batch_size: int = _f(1024, min=1)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    nesterov: bool = _f(True)
+    weight_decay: float = _f(0.0, min=0.0)
+    val_fraction: float = _f(0.1, min_exclusive=0.0, max=0.5,
+                             help="class-balanced part of the training split used to pick the LR")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), min=0.0, max=1.0,
+                                         help="augmented mode: random resized crop area")
+
+
+@dataclass
+class FinetuneConfig:
+    """Semi-supervised fine-tuning (BYOL App. C.1): the whole network trained on a labelled
+    fraction of the training split; SGD Nesterov 0.9, no weight decay; top-1 and top-5."""
+
+    lrs: list[float] = _f([0.005, 0.01, 0.02, 0.05, 0.1], help="LR sweep (absolute)")
+    epochs: int = _f(30, min=1)
+    batch_size: int = _f(1024, min=1, help="global batch (capped at the labelled subset size)")
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    nesterov: bool = _f(True)
+    weight_decay: float = _f(0.0, min=0.0)
+    val_fraction: float = _f(0.1, min_exclusive=0.0, max=0.5,
+                             help="class-balanced part of the training split used to pick the LR")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), min=0.0, max=1.0)
+
+
+@dataclass
+class KnnJobConfig:
+    """Weighted kNN (Wu et al. 2018) on the labelled train split, reported on test."""
+
+    k: int = _f(200, min=1)
+    temperature: float = _f(0.1, min_exclusive=0.0)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation jobs on a pretraining run. ``data`` starts from the run's own data section."""
+
+    seed: int = _f(0, min=0)
+    data: DataConfig = _sub(DataConfig)
+    precision: Literal["no", "bf16", "fp16"] = _f("no")
+    eval_batch_size: int = _f(256, min=1)
+    progress: bool = _f(True)
+    linear: LinearEvalConfig = _sub(LinearEvalConfig)
+    finetune: FinetuneConfig = _sub(FinetuneConfig)
+    knn: KnnJobConfig = _sub(KnnJobConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,13 +494,18 @@ def load_config(path: Union[str, Path, None], overrides: Optional[list[str]] = N
 
 def validate(cfg: Any) -> None:
     """Cross-field checks that a single field's type and range cannot express."""
+    if isinstance(cfg, (Config, EvalConfig)):
+        if cfg.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not cfg.data.root:
+            raise ConfigError(f"data.root: required for data.name={cfg.data.name!r}")
+    if isinstance(cfg, EvalConfig):
+        for key in ("linear", "finetune"):
+            if not getattr(cfg, key).lrs:
+                raise ConfigError(f"{key}.lrs: give at least one learning rate")
     if isinstance(cfg, Config):
         if cfg.train.batch_size % cfg.train.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                 f"train.grad_accum_steps={cfg.train.grad_accum_steps}")
-        if cfg.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not cfg.data.root:
-            raise ConfigError(f"data.root: required for data.name={cfg.data.name!r}")
 
 
 def save_yaml(cfg: Any, path: Union[str, Path]) -> None:

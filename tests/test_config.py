@@ -6,7 +6,9 @@ import pytest
 
 from ssl_suite.config import ConfigError, build_config, load_config, parse_override, to_dict
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+EVAL_PREFIXES = ("linear_", "semisup_", "eval_")
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")
+                 if not p.name.startswith(EVAL_PREFIXES))  # evaluation configs: test_eval.py
 
 
 def test_defaults_are_the_paper_views():

@@ -22,8 +22,8 @@ from ..data.loader import iterate_eval
 def extract_features(encoder: nn.Module, dataset, batch_size: int, device: torch.device,
                      transform: Callable[[torch.Tensor], torch.Tensor],
                      autocast: Optional[Callable] = None,
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features (float32, on ``device``) and labels of a whole dataset.
+                     progress: bool = False, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32, on ``device``; L2-normalised unless ``normalize=False``) and labels.
 
     The encoder runs in eval mode (running BN statistics) and is put back in its former mode.
     """
@@ -37,7 +37,7 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, device: torch
             x = transform(images.to(device, non_blocking=True))
             with (autocast() if autocast is not None else nullcontext()):
                 f = encoder(x)
-            feats.append(F.normalize(f.float(), dim=-1))
+            feats.append(F.normalize(f.float(), dim=-1) if normalize else f.float())
             labels.append(lab.to(device))
     finally:
         encoder.train(was_training)
@@ -77,3 +77,26 @@ def evaluate_knn(encoder: nn.Module, train_set, test_set, num_classes: int, devi
     te_f, te_l = extract_features(encoder, test_set, batch_size, device, transform, autocast,
                                   progress)
     return knn_accuracy(tr_f, tr_l, te_f, te_l, num_classes, k, temperature)
+
+
+def knn_job(run_dir: str, cfg, run_cfg, random_init: bool = False) -> dict:
+    """The kNN evaluation as a job: weighted kNN (``knn.k``, ``knn.temperature``) with the
+    labelled train split as memory bank, top-1 on the test split; appends to results.csv."""
+    from .eval_common import append_results, eval_data, result_rows
+    from .pretrain import make_accelerator
+    from .runs import load_encoder
+
+    accelerator = make_accelerator(cfg.precision)
+    result: dict = {}
+    if accelerator.is_main_process:
+        encoder, _ = load_encoder(run_dir, random_init=random_init)
+        encoder.to(accelerator.device)
+        data = eval_data(cfg, run_cfg, 0.1, cfg.progress)
+        top1 = evaluate_knn(encoder, data.train, data.test, data.num_classes, accelerator.device,
+                            data.transform, cfg.knn.k, cfg.knn.temperature, cfg.eval_batch_size,
+                            accelerator.autocast, cfg.progress)
+        result = {"top1": top1, "k": cfg.knn.k, "temperature": cfg.knn.temperature}
+        protocol = f"knn-k{cfg.knn.k}-t{cfg.knn.temperature:g}" + (" (random init)" if random_init else "")
+        append_results(run_dir, result_rows("knn", run_cfg, cfg, protocol, {"top1": top1}, run_dir))
+    accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,142 @@
+"""What the evaluation jobs share: their config, the labelled splits, classifier training with
+SGD-Nesterov + cosine, top-k accuracy, and the ``results.csv`` table of a run."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ..augment import ViewAugment, eval_transform
+from ..config import Config, ConfigError, EvalConfig, ViewConfig, build_config, to_dict
+from ..data import build_data, holdout_indices
+from .runs import run_config
+
+log = logging.getLogger("ssl_suite")
+
+RESULT_COLUMNS = ["job", "dataset", "backbone", "epochs", "protocol", "metric", "value", "run_dir"]
+
+
+def eval_config(run_dir: str, path: Optional[str], overrides: Optional[list[str]]) -> tuple[EvalConfig, Config]:
+    """The evaluation config: the run's ``data`` section and seed, then the YAML file's keys
+    (its ``data`` keys update the run's), then ``key=value`` overrides."""
+    run_cfg = run_config(run_dir)
+    raw: dict = {"data": to_dict(run_cfg.data), "seed": run_cfg.seed}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"--config: {p} is not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of sections")
+        for key, value in loaded.items():
+            if key == "data" and isinstance(value, dict):
+                raw["data"] = {**raw["data"], **value}
+            else:
+                raw[key] = value
+    return build_config(raw, overrides, cls=EvalConfig), run_cfg
+
+
+@dataclass
+class EvalData:
+    """Labelled splits at the run's resolution: fit/val for LR selection, train, test."""
+
+    train: object
+    test: object
+    fit: object
+    val: object
+    num_classes: int
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    mean: tuple
+    std: tuple
+    image_size: int
+
+
+def eval_data(cfg: EvalConfig, run_cfg: Config, val_fraction: float, progress: bool) -> EvalData:
+    data = build_data(cfg.data, show_progress=progress)
+    if data.knn_train is None or data.knn_test is None or data.num_classes < 2:
+        raise ConfigError(f"data.name: {cfg.data.name} has no labelled train/test split to "
+                          "evaluate on")
+    train, test = data.knn_train, data.knn_test
+    fit_idx, val_idx = holdout_indices(train.labels, val_fraction, seed=cfg.seed)
+    mean = run_cfg.augment.mean or data.mean
+    std = run_cfg.augment.std or data.std
+    size = run_cfg.augment.image_size
+    tf = partial(eval_transform, image_size=size, mean=mean, std=std)
+    return EvalData(train, test, train.subset(fit_idx), train.subset(val_idx), data.num_classes,
+                    tf, mean, std, size)
+
+
+def crop_flip_view(crop_scale: tuple[float, float], image_size: int) -> ViewAugment:
+    """Random resized crop + horizontal flip only: the training augmentation of the protocols."""
+    view = ViewConfig(crop_scale=crop_scale, flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0,
+                      blur_prob=0.0, solarize_prob=0.0)
+    return ViewAugment(view, image_size)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose label is among the k highest logits, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, :k].any(1).sum()) for k in ks]
+
+
+def cosine_sgd(params, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+               total_steps: int):
+    """SGD (Nesterov momentum, as the paper) with a per-step cosine decay to 0."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                          weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / max(total_steps, 1))))
+    return opt, sched
+
+
+def train_classifier(head: nn.Module, batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+                     steps_per_epoch: int, epochs: int, lr: float, momentum: float, nesterov: bool,
+                     weight_decay: float, params=None, progress=None) -> nn.Module:
+    """Cross-entropy training; ``batches(epoch)`` yields (inputs, labels) for one epoch."""
+    opt, sched = cosine_sgd(head.parameters() if params is None else params, lr, momentum,
+                            nesterov, weight_decay, steps_per_epoch * epochs)
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
+            loss = F.cross_entropy(head(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress is not None:
+            progress.update(1)
+    return head
+
+
+def append_results(run_dir: str | Path, rows: list[dict]) -> Path:
+    """Append rows (``RESULT_COLUMNS``) to ``RUN_DIR/results.csv``, writing the header once."""
+    path = Path(run_dir) / "results.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+    return path
+
+
+def result_rows(job: str, run_cfg: Config, cfg: EvalConfig, protocol: str,
+                metrics: dict[str, float], run_dir: str) -> list[dict]:
+    backbone = run_cfg.model.backbone + ("_cifar" if run_cfg.model.cifar_stem else "")
+    return [{"job": job, "dataset": cfg.data.name, "backbone": backbone,
+             "epochs": run_cfg.train.epochs, "protocol": protocol, "metric": k,
+             "value": f"{v:.6f}", "run_dir": str(run_dir)} for k, v in metrics.items()]

@@ -1,0 +1,53 @@
+"""Reading a pretraining run back: its config, its latest checkpoint, its encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import Config, load_config
+from ..errors import CheckpointError
+from ..models import build_byol
+from . import checkpoint as ckpt
+
+
+def run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """The resolved config a run saved in ``RUN_DIR/config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"--run: {run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(path, overrides)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def encoder_state(run_dir: str | Path, network: str = "online") -> tuple[dict[str, torch.Tensor], Path]:
+    """Encoder weights (``encoder.`` prefix removed) of the run's latest checkpoint."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise CheckpointError(f"--run: {run_dir} has no complete checkpoint")
+    if network not in ("online", "target"):
+        raise ValueError(f"network must be 'online' or 'target', got {network!r}")
+    state = ckpt.load_checkpoint(latest)[network]
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return enc, latest
+
+
+def load_encoder(run_dir: str | Path, random_init: bool = False,
+                 network: str = "online") -> tuple[nn.Module, Config]:
+    """The run's trained encoder, or (``random_init``) the same encoder at its initialisation.
+
+    The random initialisation is the online encoder the run started from: the same seed and the
+    same construction order as :func:`ssl_suite.engine.pretrain.pretrain`.
+    """
+    cfg = run_config(run_dir)
+    torch.manual_seed(cfg.seed)
+    online, _ = build_byol(cfg.model)
+    encoder = online.encoder
+    if not random_init:
+        state, latest = encoder_state(run_dir, network)
+        ckpt.load_module_state(encoder, state, f"{latest}/{network}.safetensors (encoder)")
+    return encoder, cfg
