@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -74,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from .engine.knn import knn_job
         res = knn_job(args.run, cfg, run_cfg, random_init=args.random_init)
         what = f"kNN (k={cfg.knn.k}, t={cfg.knn.temperature:g})"
-    if res:
+    if res and int(os.environ.get("RANK", "0")) == 0:
         init = " [random init]" if args.random_init else ""
         top5 = f", top-5 {res['top5']:.4f}" if "top5" in res else ""
         print(f"{args.job}{init} on the {cfg.data.name} test split: top-1 {res['top1']:.4f}"
@@ -83,7 +84,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _setup_logging() -> None:
-    import os
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -96,7 +96,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     result = pretrain(cfg, resume_dir=args.resume)
-    import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {result.run_dir}  (steps: {result.step}, "
               f"final loss: {_fmt(result.final_loss)})")

@@ -24,7 +24,7 @@ from ..data import balanced_indices
 from ..data.loader import BatchPlan, iterate_epoch, iterate_eval
 from .eval_common import (append_results, crop_flip_view, cosine_sgd, eval_data, result_rows,
                           topk_correct)
-from .pretrain import make_accelerator
+from .pretrain import average_buffers, make_accelerator
 from .runs import load_encoder
 
 log = logging.getLogger("ssl_suite")
@@ -107,7 +107,9 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
                 sched.step()
             bar.update(1)
         bar.close()
-        return accelerator.unwrap_model(model)
+        raw = accelerator.unwrap_model(model)
+        average_buffers([raw], accelerator)  # every process then scores the same model
+        return raw
 
     @torch.no_grad()
     def score(model: nn.Module, dataset) -> tuple[float, float]:

@@ -81,6 +81,18 @@ def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None
         raise
 
 
+@torch.no_grad()
+def average_buffers(modules: list[torch.nn.Module], accelerator: Accelerator) -> None:
+    """Average floating buffers (BN running statistics) over processes: without SyncBN (CPU
+    processes) each process's statistics come from its own part of the batch."""
+    if accelerator.num_processes == 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.copy_(accelerator.reduce(b.detach().clone(), reduction="mean"))
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -187,13 +199,8 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     if tc.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(to_dict(cfg)))
 
-    float_buffers = [b for m in (raw_online, target) for b in m.buffers() if b.is_floating_point()]
-
     def sync_buffers() -> None:
-        """Average BN running statistics over processes (they differ without SyncBN)."""
-        if world > 1 and float_buffers:
-            for b in float_buffers:
-                b.copy_(accelerator.reduce(b.detach().clone(), reduction="mean"))
+        average_buffers([raw_online, target], accelerator)
 
     def run_knn() -> Optional[float]:
         sync_buffers()
