@@ -7,6 +7,7 @@ Jobs:
   knn          weighted kNN accuracy of a run's encoder
   export       the online encoder to safetensors + JSON sidecar, loadable by timm
   plot         PNG curves of one run's metrics.jsonl, or a comparison of several runs
+  optimizers   every optimizer name a config accepts, with a one-line description
 
 A configuration, data or checkpoint problem ends the command with one line on stderr naming what
 was wrong, exit status 2; a diverging run (non-finite loss) exits with status 3.
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", required=True, metavar="RUN_DIR")
     ex.add_argument("--out", required=True, metavar="FILE", help="e.g. encoder.safetensors")
     ex.add_argument("--network", choices=("online", "target"), default="online")
+    sub.add_parser("optimizers", help="every optimizer name a config accepts, with its paper")
     pl = sub.add_parser("plot", help="PNG curves from metrics.jsonl (extra: plots)")
     pl.add_argument("runs", nargs="+", metavar="RUN")
     pl.add_argument("--out", metavar="FILE")
@@ -121,6 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.job == "export":
             from .export import main_export
             return main_export(args.run, args.out, args.network)
+        if args.job == "optimizers":
+            from .optim import list_all
+            rows = list_all()
+            width = max(len(n) for n, _ in rows)
+            for name, desc in rows:
+                print(f"{name:<{width}}  {desc}")
+            return 0
         if args.job == "plot":
             from .plots import main_plot
             return main_plot(args.runs, args.out)

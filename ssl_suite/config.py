@@ -148,23 +148,36 @@ class ByolConfig:
 class OptimConfig:
     """Optimizer by timm registry name; BYOL: LARS, lr = base_lr * B / 256 (App. J)."""
 
-    name: str = _f("byollars", help="any name in timm's optimizer registry")
+    name: str = _f("lars", help="timm registry name or ours (ssl-suite optimizers lists them)")
     base_lr: float = _f(0.2, min_exclusive=0.0)
-    lr_scaling: Literal["linear", "none"] = _f("linear", help="linear: lr = base_lr*B/256")
+    lr_scaling: Literal["linear", "sqrt", "none"] = _f(
+        "linear", help="lr = base_lr * B/256 (linear, SGD-like), * sqrt(B/256) (adaptive), or none")
     weight_decay: float = _f(1.5e-6, min=0.0)
+    normalized_weight_decay: Optional[float] = _f(
+        None, min=0.0, help="Loshchilov & Hutter: weight_decay = this * sqrt(b / (B * T))")
     momentum: float = _f(0.9, min=0.0, max=1.0)
     trust_coeff: float = _f(1e-3, min_exclusive=0.0, help="LARS eta")
     exclude_bias_and_norm: bool = _f(True, help="no wd and no LARS adaptation for biases/norms")
     predictor_lr_mult: float = _f(1.0, min_exclusive=0.0)
+    lookahead_k: int = _f(5, min=1, help="lookahead_<name>: sync every k steps (Zhang et al.)")
+    lookahead_alpha: float = _f(0.5, min_exclusive=0.0, max=1.0, help="lookahead: slow step size")
+    lookahead_pullback: Literal["none", "reset", "pullback"] = _f(
+        "none", help="lookahead: what happens to the base optimizer's momentum at a sync")
     kwargs: dict[str, Any] = _f({}, help="extra optimizer constructor kwargs")
 
 
 @dataclass
 class ScheduleConfig:
-    """Per-step learning-rate schedule: linear warmup from 0, then cosine to final_lr_frac."""
+    """Per-step learning-rate schedule after a linear warmup from 0: cosine to final_lr_frac
+    (BYOL), step decay, or cosine with warm restarts (SGDR, Loshchilov & Hutter 2017)."""
 
+    name: Literal["cosine", "step", "restarts"] = _f("cosine")
     warmup_epochs: float = _f(10.0, min=0.0)
     final_lr_frac: float = _f(0.0, min=0.0, max=1.0)
+    milestones: list[float] = _f([], help="step: epochs at which the LR is multiplied by gamma")
+    gamma: float = _f(0.1, min_exclusive=0.0, max=1.0)
+    restart_epochs: float = _f(10.0, min_exclusive=0.0, help="restarts: first cycle length T_0")
+    restart_mult: float = _f(2.0, min=1.0, help="restarts: cycle length factor T_mult")
 
 
 @dataclass
@@ -179,10 +192,13 @@ class TrainConfig:
     sync_bn: bool = _f(True, help="SyncBatchNorm when more than one process")
     grad_checkpointing: bool = _f(False, help="timm set_grad_checkpointing on the backbone")
     channels_last: bool = _f(False)
+    ddp_comm_hook: Literal["none", "fp16", "bf16", "power_sgd", "batched_power_sgd"] = _f(
+        "none", help="DDP gradient compression through Accelerate (torch's comm hooks)")
     log_every: int = _f(10, min=1, help="steps between metric lines (and finiteness checks)")
     checkpoint_every: int = _f(500, min=1, help="optimizer steps between checkpoints")
     keep_checkpoints: int = _f(2, min=1)
-    knn_every: int = _f(10, min=0, help="epochs between kNN monitors; 0 = only at the end")
+    knn_every: int = _f(10, min=-1, help="epochs between kNN monitors; 0: only at start and "
+                                          "end; -1: never")
     knn_k: int = _f(200, min=1)
     knn_temperature: float = _f(0.1, min_exclusive=0.0)
     eval_batch_size: int = _f(256, min=1)

@@ -28,8 +28,8 @@ def recording_local(self, epoch, step, rank, perm=None):
 
 loader.BatchPlan.local_indices = recording_local
 cfg = tiny_config(out / "run", **{"train.max_steps": 3, "train.grad_accum_steps": 2,
-                                  "train.sync_bn": True})
-acc = pretrain_mod.make_accelerator()
+                                  "train.sync_bn": True, "train.ddp_comm_hook": "fp16"})
+acc = pretrain_mod.make_accelerator(comm_hook=cfg.train.ddp_comm_hook)
 res = pretrain_mod.pretrain(cfg, accelerator=acc)
 rank = acc.process_index
 (out / f"seen_rank{rank}.json").write_text(json.dumps(seen))

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun + gloo + Accelerate): identical weights, split global batch."""
+"""Two CPU processes (torchrun + gloo + Accelerate, fp16 gradient compression through the DDP comm
+hook): identical weights, split global batch."""
 
 import json
 import os

@@ -37,12 +37,15 @@ def test_short_run_writes_metrics_checkpoint_and_knn(tmp_path):
     assert not torch.equal(online["encoder.conv1.weight"], target["encoder.conv1.weight"])
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    n = 3
-    full = tiny_config(tmp_path / "full", **{"train.max_steps": 2 * n})
+@pytest.mark.parametrize("optim", ["lars", "lookahead_lars"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, optim):
+    n = 3  # with lookahead_lars (k=2) the kill falls mid-cycle
+    extra = {"optim.name": optim, "optim.lookahead_k": 2}
+    full = tiny_config(tmp_path / "full", **{"train.max_steps": 2 * n, **extra})
     pretrain(full)
 
-    killed = tiny_config(tmp_path / "killed", **{"train.max_steps": 2 * n, "train.checkpoint_every": n})
+    killed = tiny_config(tmp_path / "killed", **{"train.max_steps": 2 * n,
+                                                 "train.checkpoint_every": n, **extra})
     real_finish = ckpt.finish_save
 
     class Killed(Exception):
@@ -68,6 +71,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert torch.equal(a_tg[k], b_tg[k]), k
     for i, s in a_st["optimizer"]["state"].items():
         assert torch.equal(s["momentum_buffer"], b_st["optimizer"]["state"][i]["momentum_buffer"])
+    if optim.startswith("lookahead"):
+        slow_a, slow_b = a_st["optimizer"]["lookahead"], b_st["optimizer"]["lookahead"]
+        assert slow_a["la_step"] == slow_b["la_step"]
+        for i, s in slow_a["state"].items():
+            assert torch.equal(s["slow_param"], slow_b["state"][i]["slow_param"])
     steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == list(range(1, 2 * n + 1))  # no duplicated lines after the resume
@@ -188,3 +196,12 @@ def test_python_dash_m_entry_point():
 def test_unknown_tracker_is_one_line(tmp_path, capsys):
     code, err = _run_cli(["pretrain", *tiny_overrides(tmp_path / "r"), "train.trackers=[nonsense]"], capsys)
     assert code == 2 and err.startswith("ssl-suite: error: train.trackers: Unsupported logging")
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb", "sgd", "adamw", "radam", "lookahead_lars",
+                                  "generic_adam", "timmlars", "amsgrad"])
+def test_byol_runs_with_each_optimizer(tmp_path, name):
+    lr = {"lars": 0.2, "timmlars": 0.2, "sgd": 0.05, "lookahead_lars": 0.2}.get(name, 1e-3)
+    res = pretrain(tiny_config(tmp_path / name, **{"optim.name": name, "optim.base_lr": lr,
+                                                   "train.max_steps": 3, "train.knn_every": -1}))
+    assert res.final_loss is not None and 0.0 <= res.final_loss <= 8.0

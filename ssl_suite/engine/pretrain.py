@@ -36,7 +36,7 @@ from ..data import build_data
 from ..data.loader import BatchPlan, iterate_epoch
 from ..errors import CheckpointError, NonFiniteLossError
 from ..models import build_byol, byol_loss, ema_update_, tau_schedule
-from ..optim import create_optimizer, warmup_cosine_scheduler
+from ..optim import build_scheduler, create_optimizer
 from . import checkpoint as ckpt
 from .knn import evaluate_knn
 from .metrics import MetricsWriter
@@ -56,7 +56,7 @@ class PretrainResult:
 
 
 def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None,
-                     project_dir: Optional[Path] = None) -> Accelerator:
+                     project_dir: Optional[Path] = None, comm_hook: str = "none") -> Accelerator:
     """An Accelerator for this process; under torchrun without CUDA it joins a gloo group.
 
     Accelerate only forms a multi-process CPU group when asked with ``cpu=True``; ``accelerate
@@ -72,9 +72,15 @@ def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None
         # a comparison of several configs) may ask for another precision. The process group
         # (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
+    handlers = []
+    if comm_hook != "none":
+        from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+        handlers.append(DistributedDataParallelKwargs(
+            comm_hook=DDPCommunicationHookType(comm_hook)))
     try:
         return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None,
-                           project_dir=str(project_dir) if project_dir else None)
+                           project_dir=str(project_dir) if project_dir else None,
+                           kwargs_handlers=handlers)
     except ValueError as e:
         if trackers and "logging capability" in str(e):
             raise ConfigError(f"train.trackers: {e}") from None
@@ -111,7 +117,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     run_dir = Path(resume_dir or cfg.run_dir)
     tc = cfg.train
     if accelerator is None:
-        accelerator = make_accelerator(tc.precision, tc.trackers, run_dir)
+        accelerator = make_accelerator(tc.precision, tc.trackers, run_dir, tc.ddp_comm_hook)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     if main:
@@ -131,8 +137,6 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
-    warmup_steps = int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    warmup_steps = min(warmup_steps, total_steps)
 
     _seed_all(cfg.seed)
     online, target = build_byol(cfg.model)
@@ -152,9 +156,9 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     target.to(device=device, memory_format=memory_format)
 
     optimizer = create_optimizer({"encoder": online.encoder, "projector": online.projector,
-                                  "predictor": online.predictor}, cfg.optim, tc.batch_size)
-    scheduler = warmup_cosine_scheduler(optimizer, warmup_steps, total_steps,
-                                        cfg.schedule.final_lr_frac)
+                                  "predictor": online.predictor}, cfg.optim, tc.batch_size,
+                                 num_samples=len(data.pretrain), epochs=total_steps / steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total_steps)
     online, optimizer = accelerator.prepare(online, optimizer)
     raw_online = accelerator.unwrap_model(online)
     ema_target, ema_online = target.ema_pairs(raw_online)
@@ -204,7 +208,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
 
     def run_knn() -> Optional[float]:
         sync_buffers()
-        if data.knn_train is None or data.knn_test is None or data.num_classes < 2:
+        if tc.knn_every < 0 or data.knn_train is None or data.knn_test is None or data.num_classes < 2:
             return None
         acc = None
         if main:

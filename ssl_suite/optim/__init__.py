@@ -1,9 +1,15 @@
 """Optimizers: our additions to timm's registry, parameter groups, schedules."""
 
 from . import registry
-from .factory import OptimizerError, create_optimizer, is_excluded, param_groups, scaled_lr
+from .factory import (ALIASES, OptimizerError, create_optimizer, is_excluded, list_all,
+                      normalized_weight_decay, param_groups, resolve_name, scaled_lr)
+from .generic_adam import GenericAdam
 from .lars import LARS
-from .schedules import warmup_cosine, warmup_cosine_scheduler
+from .lookahead import Lookahead, wrap_lookahead
+from .schedules import (build_scheduler, warmup_cosine, warmup_cosine_scheduler, warmup_restarts,
+                        warmup_step)
 
-__all__ = ["registry", "OptimizerError", "create_optimizer", "is_excluded", "param_groups",
-           "scaled_lr", "LARS", "warmup_cosine", "warmup_cosine_scheduler"]
+__all__ = ["GenericAdam", "registry", "ALIASES", "OptimizerError", "create_optimizer", "is_excluded", "list_all",
+           "normalized_weight_decay", "param_groups", "resolve_name", "scaled_lr", "LARS", "Lookahead", "wrap_lookahead",
+           "build_scheduler", "warmup_cosine", "warmup_cosine_scheduler", "warmup_restarts",
+           "warmup_step"]

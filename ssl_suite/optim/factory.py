@@ -11,6 +11,7 @@ learning-rate multiplier (App. I).
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -61,37 +62,91 @@ def param_groups(modules: dict[str, nn.Module], weight_decay: float, exclude: bo
     return list(groups.values())
 
 
+# Names our configs accept besides timm's own. ``lars`` is the BYOL reference form (timm's
+# ``lars`` uses ||g|| + wd||w|| in the trust ratio; it stays reachable as ``timmlars``).
+ALIASES: dict[str, str] = {"lars": "byollars", "timmlars": "lars", "generic_adam": "genericadam"}
+
+
+def resolve_name(name: str) -> tuple[str, bool]:
+    """(timm registry name, wrap in our Lookahead?) for a config name such as lookahead_lars."""
+    lower = name.lower()
+    lookahead = lower.startswith("lookahead_")
+    if lookahead:
+        lower = lower[len("lookahead_"):]
+    return ALIASES.get(lower, lower), lookahead
+
+
 def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
-    """BYOL: ``lr = base_lr * B / 256`` (App. J); ``none`` keeps base_lr."""
-    return base_lr * global_batch / 256 if rule == "linear" else base_lr
+    """``linear``: ``base_lr * B / 256`` (BYOL App. J; Goyal et al. for SGD); ``sqrt``:
+    ``base_lr * sqrt(B / 256)`` (adaptive methods, Granziol et al. 2022); ``none``: base_lr."""
+    if rule == "linear":
+        return base_lr * global_batch / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(global_batch / 256)
+    return base_lr
 
 
-def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int) -> torch.optim.Optimizer:
-    """Build ``cfg.name`` from timm's registry over :func:`param_groups` of ``modules``.
+def normalized_weight_decay(lambda_norm: float, batch: int, num_samples: int, epochs: float) -> float:
+    """Loshchilov & Hutter (ICLR 2019), §7.2 of the spec: ``lambda = lambda_norm sqrt(b / (B T))``
+    with b the batch size, B the number of training points and T the number of epochs."""
+    return lambda_norm * math.sqrt(batch / (num_samples * epochs))
 
-    ``cfg`` is a :class:`ssl_suite.config.OptimConfig`. Keyword arguments the optimizer class
-    does not take (``trust_coeff`` for non-LARS optimizers) are left out.
+
+def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
+                     num_samples: Optional[int] = None,
+                     epochs: Optional[float] = None) -> torch.optim.Optimizer:
+    """Build ``cfg.name`` over :func:`param_groups` of ``modules`` through timm's registry.
+
+    ``cfg`` is a :class:`ssl_suite.config.OptimConfig`. Names go through :data:`ALIASES`; a
+    ``lookahead_`` prefix wraps the optimizer in our :class:`~ssl_suite.optim.lookahead.Lookahead`
+    (slow weights in its state_dict). Keyword arguments the optimizer class does not take
+    (``trust_coeff`` for non-LARS optimizers) are left out. ``num_samples`` and ``epochs`` are
+    needed for ``cfg.normalized_weight_decay``.
     """
+    name, lookahead = resolve_name(cfg.name)
     lr = scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
-    groups = param_groups(modules, cfg.weight_decay, cfg.exclude_bias_and_norm,
+    wd = cfg.weight_decay
+    if cfg.normalized_weight_decay is not None:
+        if not num_samples or not epochs:
+            raise OptimizerError("optim.normalized_weight_decay: needs the dataset size and epochs")
+        wd = normalized_weight_decay(cfg.normalized_weight_decay, global_batch, num_samples, epochs)
+    groups = param_groups(modules, wd, cfg.exclude_bias_and_norm,
                           {"predictor": cfg.predictor_lr_mult})
     for g in groups:
         g["lr"] = lr * g["lr_mult"]
     try:
-        opt_cls = get_optimizer_class(cfg.name.lower().split("_")[-1], bind_defaults=False)
+        opt_cls = get_optimizer_class(name, bind_defaults=False)
     except (ValueError, KeyError):
         from timm.optim import list_optimizers
-        raise OptimizerError(f"optim.name: {cfg.name!r} is not in timm's optimizer registry "
-                             f"(e.g. {', '.join(list_optimizers()[:8])}, ...)") from None
+        raise OptimizerError(f"optim.name: {cfg.name!r} is not a known optimizer (see "
+                             f"`ssl-suite optimizers`; e.g. {', '.join(list_optimizers()[:6])})") from None
     accepted = _accepted_kwargs(opt_cls)
     extra = dict(cfg.kwargs)
-    if "trust_coeff" in accepted:
+    if accepted is not None and "trust_coeff" in accepted:
         extra.setdefault("trust_coeff", cfg.trust_coeff)
     unknown = [k for k in extra if accepted is not None and k not in accepted]
     if unknown:
         raise OptimizerError(f"optim.kwargs: {cfg.name} does not take {', '.join(unknown)}")
-    return create_optimizer_v2(groups, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum, **extra)
+    optimizer = create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=wd,
+                                    momentum=cfg.momentum, **extra)
+    if lookahead:
+        from .lookahead import wrap_lookahead
+        optimizer = wrap_lookahead(optimizer, k=cfg.lookahead_k, alpha=cfg.lookahead_alpha,
+                                   pullback_momentum=cfg.lookahead_pullback)
+    return optimizer
+
+
+def list_all() -> list[tuple[str, str]]:
+    """(name, description) of every name a config accepts: timm's registry (ours included),
+    with our aliases resolved as :func:`create_optimizer` resolves them."""
+    from timm.optim import list_optimizers
+    timm_rows = dict(list_optimizers(with_description=True))
+    rows = dict(timm_rows)
+    for alias, target in ALIASES.items():
+        rows[alias] = f"-> {target}: {timm_rows.get(target, '')}"
+    rows["lookahead_<name>"] = ("any of these wrapped in ssl_suite's Lookahead (Zhang et al. "
+                                "2019), slow weights kept in state_dict")
+    return sorted(rows.items())
 
 
 def _accepted_kwargs(cls) -> Optional[set[str]]:
