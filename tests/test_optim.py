@@ -22,16 +22,17 @@ def _reference_lars_step(w, g, m, lr, wd, eta, beta, adapt):
     return w - lr * m, m
 
 
-def test_lars_matches_reference_over_steps():
+@pytest.mark.parametrize("path", [{}, {"foreach": True}, {"compile": False, "foreach": False}])
+def test_lars_matches_reference_over_steps(path):
     torch.manual_seed(1)
     w_adapt = nn.Parameter(torch.randn(5, 3))
     w_excl = nn.Parameter(torch.randn(5))
     opt = LARS([{"params": [w_adapt], "weight_decay": 1e-2, "lars_adapt": True},
                 {"params": [w_excl], "weight_decay": 0.0, "lars_adapt": False}],
-               lr=0.5, momentum=0.9, trust_coeff=1e-3)
+               lr=0.5, momentum=0.9, trust_coeff=1e-3, **path)
     ref_w = [w_adapt.detach().clone(), w_excl.detach().clone()]
     ref_m = [torch.zeros(5, 3), torch.zeros(5)]
-    for _ in range(3):
+    for _ in range(10):  # the optax chain, step by step, on fresh random gradients
         grads = [torch.randn(5, 3), torch.randn(5)]
         w_adapt.grad, w_excl.grad = grads[0].clone(), grads[1].clone()
         opt.step()
@@ -121,3 +122,19 @@ def test_warmup_cosine_points():
     assert warmup_cosine(K, W, K) == pytest.approx(0.0, abs=1e-12)       # end
     assert warmup_cosine(35, W, K) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
     assert warmup_cosine(K, W, K, final_frac=0.1) == pytest.approx(0.1)
+
+
+def test_lars_compile_failure_falls_back_to_eager(monkeypatch):
+    """compile=True on a machine where torch.compile fails: one warning, the same update."""
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(2)
+    a, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))
+    b.data.copy_(a.data)
+    g = torch.randn(4, 4)
+    a.grad, b.grad = g.clone(), g.clone()
+    with pytest.warns(RuntimeWarning):
+        LARS([a], lr=0.1, weight_decay=1e-3, compile=True).step()
+    LARS([b], lr=0.1, weight_decay=1e-3, compile=False).step()
+    assert torch.allclose(a.detach(), b.detach(), atol=1e-7)

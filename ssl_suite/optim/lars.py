@@ -20,8 +20,9 @@ tensors (``scripts/bench_optim_step.py`` measures them against fused AdamW and t
   under ``torch.compile``; Inductor fuses a tensor's update into one read of (w, g) for the norms
   and one pass over (g, w, m). Compiled once per process and parameter shapes (~30 s on a CPU,
   seconds once Inductor's on-disk cache has it); if compiling fails the eager paths take over.
-* per tensor, eager (CPU default): the same loop, one tensor at a time so w, g, m stay in cache
-  between its few ops, ``u`` written into a reused scratch buffer.
+* per tensor, eager (CPU default): the same loop run eagerly, one tensor at a time, so that
+  w, g, m stay in cache between its few ops; u goes to a reused scratch buffer (a fresh large
+  CPU allocation per tensor costs page faults).
 * foreach, eager (CUDA and other devices): a handful of multi-tensor kernels, no copy of g.
 
 None calls ``.item()``: trust ratios stay on the device.
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-COMPILE_MIN_NUMEL = 1 << 20  # below this the compiled step saves less than its compile costs
+COMPILE_MIN_NUMEL = 1 << 22  # 4M: below this the compiled step saves less than its compile costs
 
 
 def _trust_ratio(w_norm: Tensor, u_norm: Tensor, eta) -> Tensor:
@@ -47,15 +48,15 @@ def _trust_ratio(w_norm: Tensor, u_norm: Tensor, eta) -> Tensor:
 
 def _lars_loop(work, scratch: Optional[dict] = None) -> None:
     """The update, one tensor at a time. ``work``: ``(params, grads, bufs, hyper, adapt, has_wd)``
-    per group with ``hyper = tensor([lr, wd, beta, eta])``; ``scratch`` maps (device, dtype) to a
-    flat buffer large enough for any tensor of the group (eager only) that receives u."""
+    per group, ``hyper = tensor([lr, wd, beta, eta])`` (tensors, so that a new lr each step does
+    not recompile). ``scratch`` (eager only): a flat buffer per (device, dtype), as large as the
+    largest tensor, that receives u instead of a fresh allocation per tensor."""
     for params, grads, bufs, hyper, adapt, has_wd in work:
         lr, wd, beta, eta = hyper.unbind()
         for w, g, m in zip(params, grads, bufs):
             u = g
             if has_wd:
-                buf = None if scratch is None else scratch.get((w.device, w.dtype))
-                out = None if buf is None else buf[:w.numel()].view_as(w)
+                out = None if scratch is None else scratch[w.device, w.dtype][:w.numel()].view_as(w)
                 u = torch.addcmul(g, w, wd, out=out)                      # g + wd w
             m.mul_(beta)
             if adapt:
@@ -189,7 +190,6 @@ class LARS(Optimizer):
                            self._scratch_for(params) if group["weight_decay"] != 0 else None)
 
     def _scratch_for(self, params) -> dict:
-        """Flat buffers, kept between steps (a fresh large CPU allocation per step page-faults)."""
         for p in params:
             key = (p.device, p.dtype)
             if key not in self._scratch or self._scratch[key].numel() < p.numel():
