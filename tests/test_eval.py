@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ssl_suite.cli import main
-from ssl_suite.config import EvalConfig, build_config
+from ssl_suite.config import EvalConfig
 from ssl_suite.engine.eval_common import eval_config, topk_correct, train_classifier
 from ssl_suite.engine.finetune import finetune, labelled_subset
 from ssl_suite.engine.linear_eval import _feature_batches, linear_eval

@@ -323,3 +323,49 @@ def test_registered_in_timm_when_registry_lists_it():
     model = nn.Linear(3, 2)
     opt = timm.optim.create_optimizer_v2(model, "genericadam", lr=0.01, weight_decay=0.0, eps=1e-8)
     assert isinstance(opt, GenericAdam) and opt.defaults["lr"] == 0.01
+
+
+def _three_steps(compile, dtype=torch.float32):
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape in [(5, 3), (7,), (2, 3, 4)]]
+    groups = [dict(params=ps[:2], weight_decay=0.01),
+              dict(params=ps[2:], eps_mode="denominator", bias_correction=True)]
+    opt = GenericAdam(groups, lr=0.05, compile=compile)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+        for g in opt.param_groups:
+            g["lr"] *= 0.9                                  # a changing lr must not recompile
+        opt.step()
+    return [p.detach().clone() for p in ps], opt
+
+
+def test_compiled_step_equals_eager_step():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)     # compiling must not fall back here
+        got, opt = _three_steps(compile=True)
+    assert opt.compile is True
+    ref, ref_opt = _three_steps(compile=False)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()
+    for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
+        st, rst = opt.state[p], ref_opt.state[q]
+        assert st["step"] == rst["step"] == 3
+        assert torch.allclose(st["exp_avg_sq"], rst["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+def test_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    import ssl_suite.optim.generic_adam as ga
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(ga, "_compiled_loop", None)
+    monkeypatch.setattr(torch, "compile", boom)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        got, opt = _three_steps(compile=True)
+    assert opt.compile is False
+    ref, _ = _three_steps(compile=False)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)

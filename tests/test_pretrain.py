@@ -1,7 +1,6 @@
 """End-to-end pretraining on the digits data: a short run, kill-and-resume, bad input."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -52,7 +51,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, optim):
         pass
 
     def finish_then_die(tmp, keep):
-        out = real_finish(tmp, keep)
+        real_finish(tmp, keep)
         raise Killed()
     monkeypatch.setattr(ckpt, "finish_save", finish_then_die)
     with pytest.raises(Killed):

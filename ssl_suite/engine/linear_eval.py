@@ -18,15 +18,12 @@ on the test split (top-1 and top-5). Runs on the main process; other processes w
 from __future__ import annotations
 
 import logging
-import math
-from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config, EvalConfig
-from ..data.loader import iterate_eval
 from .eval_common import (EvalData, append_results, crop_flip_view, eval_data, result_rows,
                           topk_correct, train_classifier)
 from .knn import extract_features

@@ -31,7 +31,7 @@ from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from ..augment import BYOLAugment, eval_transform
-from ..config import Config, ConfigError, load_config, save_yaml, to_dict
+from ..config import Config, ConfigError, save_yaml, to_dict
 from ..data import build_data
 from ..data.loader import BatchPlan, iterate_epoch
 from ..errors import CheckpointError, NonFiniteLossError
@@ -355,10 +355,6 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_config(run_dir: str, overrides: Optional[list[str]] = None) -> Config:
-    """The config saved in a run directory, with optional overrides (e.g. train.epochs)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(path, overrides)
-    cfg.run_dir = str(run_dir)
-    return cfg
+    """The config saved in a run directory, for ``--resume`` (overrides e.g. train.epochs)."""
+    from .runs import run_config
+    return run_config(run_dir, overrides, flag="--resume")

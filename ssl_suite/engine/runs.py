@@ -14,11 +14,13 @@ from ..models import build_byol
 from . import checkpoint as ckpt
 
 
-def run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) -> Config:
-    """The resolved config a run saved in ``RUN_DIR/config.yaml``."""
+def run_config(run_dir: str | Path, overrides: Optional[list[str]] = None,
+               flag: str = "--run") -> Config:
+    """The resolved config a run saved in ``RUN_DIR/config.yaml``, with optional overrides
+    (e.g. ``train.epochs`` to extend a run); ``flag`` names the option in the error."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"--run: {run_dir} is not a run directory (no config.yaml)")
+        raise CheckpointError(f"{flag}: {run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(path, overrides)
     cfg.run_dir = str(run_dir)
     return cfg

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,3 @@ def build_byol(cfg) -> tuple[OnlineNetwork, TargetNetwork]:
         target = TargetNetwork(make_encoder(), MLPHead(dim, cfg.proj_hidden_dim, cfg.proj_dim))
     return online, target
 
-
-def trainable_parameters(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]

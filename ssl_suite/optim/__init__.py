@@ -9,7 +9,7 @@ from .lookahead import Lookahead, wrap_lookahead
 from .schedules import (build_scheduler, warmup_cosine, warmup_cosine_scheduler, warmup_restarts,
                         warmup_step)
 
-__all__ = ["GenericAdam", "registry", "ALIASES", "OptimizerError", "create_optimizer", "is_excluded", "list_all",
-           "normalized_weight_decay", "param_groups", "resolve_name", "scaled_lr", "LARS", "Lookahead", "wrap_lookahead",
-           "build_scheduler", "warmup_cosine", "warmup_cosine_scheduler", "warmup_restarts",
-           "warmup_step"]
+__all__ = ["registry", "ALIASES", "OptimizerError", "create_optimizer", "is_excluded",
+           "list_all", "normalized_weight_decay", "param_groups", "resolve_name", "scaled_lr",
+           "GenericAdam", "LARS", "Lookahead", "wrap_lookahead", "build_scheduler",
+           "warmup_cosine", "warmup_cosine_scheduler", "warmup_restarts", "warmup_step"]

@@ -57,10 +57,18 @@ theta_1 = 0 the product is 0 and the correction is 1, as it should be.
 
 State per tensor: ``step`` (int t), ``exp_avg`` (m), ``exp_avg_sq`` (v), and the running products
 ``beta1_prod`` = prod_j beta_j and ``theta_prod`` = prod_j theta_j (floats; used by bias
-correction, kept always so a checkpoint continues exactly). The step is the foreach
-(multi-tensor) path over all tensors of a group that share a step count, dtype and device
-(normally all of them: one set of kernels per group; no ``.item()``, no host sync);
-``foreach=False`` runs the same math one tensor at a time (for checking).
+correction, kept always so a checkpoint continues exactly). The tensors of a group are bucketed
+by step count, running products, dtype and device (normally one bucket per group); the per-step
+scalars are computed once per bucket in Python floats. Code paths (no ``.item()``, no host sync),
+as in :mod:`ssl_suite.optim.lars`:
+
+* compiled (default on CPU from ``COMPILE_MIN_NUMEL`` parameters in the step, ``compile=True``
+  anywhere): :func:`_generic_adam_loop` under ``torch.compile(fullgraph=True)``, compiled once
+  per process (and parameter shapes); Inductor fuses each tensor's update into one pass over
+  (x, g, m, v). The scalars go in as 0-dim tensors, so a new lr, t^-s or theta_t each step does
+  not recompile. If compiling fails, one RuntimeWarning and the eager paths take over.
+* foreach, eager (default otherwise): multi-tensor kernels, one set per bucket.
+* ``foreach=False``: the same math one tensor at a time (for checking).
 
 Unsettled (spec §4.3 ⚠, [PAPER-R]): whether the paper requires beta1^2 < theta_1 or only
 beta1^2 < lim theta_t; the paper's own r = 1 experiment has theta_1 = 0. The checker takes a
@@ -71,12 +79,17 @@ spec's [PAPER-R] recollection (high confidence on structure). The closure is cal
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch.optim import Optimizer
 
+from ssl_suite.optim.lars import COMPILE_MIN_NUMEL
+
 EPS_MODES = ("v0", "denominator")
+
+_compiled_loop = None
 
 
 class GenericAdam(Optimizer):
@@ -95,13 +108,17 @@ class GenericAdam(Optimizer):
         beta1_decay: lambda in beta_t = beta1 * lambda^(t-1) (AdamNC); 1 keeps beta_t = beta1.
         eps_mode: "v0" (paper) or "denominator" (torch / third-party code).
         bias_correction: divide m and v by the sums of their weights (Kingma & Ba); off in the paper.
-        foreach: multi-tensor path (default) or one tensor at a time (False).
+        foreach: multi-tensor path (default) or one tensor at a time (False); eager paths only.
+        compile: run the step through ``torch.compile``; None: on the CPU when the parameters
+            with a gradient hold at least ``COMPILE_MIN_NUMEL`` elements; False: always eager.
+            Not part of the state_dict.
     """
 
     def __init__(self, params, lr: Optional[float] = None, s: float = 0.5, beta1: float = 0.9,
                  beta: float = 0.1, r: float = 1.0, eps: float = 1e-8, weight_decay: float = 0.0,
                  *, alpha: Optional[float] = None, beta1_decay: float = 1.0, eps_mode: str = "v0",
-                 bias_correction: bool = False, foreach: Optional[bool] = None):
+                 bias_correction: bool = False, foreach: Optional[bool] = None,
+                 compile: Optional[bool] = None):
         if lr is not None and alpha is not None and lr != alpha:
             raise ValueError(f"GenericAdam: lr={lr} and alpha={alpha} are the same number; give one")
         lr = alpha if lr is None else lr
@@ -111,6 +128,11 @@ class GenericAdam(Optimizer):
                         foreach=foreach)
         _validate(defaults)
         super().__init__(params, defaults)
+        self.compile = compile
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("compile", None)
 
     def add_param_group(self, param_group: dict) -> None:
         if "alpha" in param_group:                       # alias: the group stores lr only
@@ -128,6 +150,7 @@ class GenericAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []  # (group, params, t, beta1_prod, theta_prod, scalars) per bucket
         for group in self.param_groups:
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -159,16 +182,79 @@ class GenericAdam(Optimizer):
                         v_scale = 1.0 / math.sqrt(bc2)
                     else:
                         step_size *= math.sqrt(bc2)
-                update = _foreach_update if group["foreach"] in (None, True) else _single_tensor_update
-                update(params, [self.state[p]["exp_avg"] for p in params],
-                       [self.state[p]["exp_avg_sq"] for p in params], beta_t=beta_t, theta_t=theta_t,
-                       step_size=step_size, v_scale=v_scale, eps=group["eps"],
-                       eps_in_denominator=group["eps_mode"] == "denominator",
-                       weight_decay=group["weight_decay"])
-                for p in params:
-                    state = self.state[p]
-                    state["step"], state["beta1_prod"], state["theta_prod"] = t, b_prod, th_prod
+                scalars = dict(beta_t=beta_t, theta_t=theta_t, step_size=step_size,
+                               v_scale=v_scale, eps=group["eps"],
+                               eps_in_denominator=group["eps_mode"] == "denominator",
+                               weight_decay=group["weight_decay"])
+                work.append((group, params, t, b_prod, th_prod, scalars))
+        if work and not (self._wants_compile(work) and self._step_compiled(work)):
+            self._step_eager(work)
+        for _, params, t, b_prod, th_prod, _ in work:
+            for p in params:
+                state = self.state[p]
+                state["step"], state["beta1_prod"], state["theta_prod"] = t, b_prod, th_prod
         return loss
+
+
+    def _tensors(self, params) -> tuple:
+        return ([p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params])
+
+    def _wants_compile(self, work) -> bool:
+        if self.compile is False or not hasattr(torch, "compile") or torch.compiler.is_compiling():
+            return False
+        if self.compile:
+            return True
+        params = [p for _, ps, *_ in work for p in ps]
+        return (all(p.device.type == "cpu" for p in params)
+                and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL)
+
+    def _step_compiled(self, work) -> bool:
+        """True when the compiled loop did the step; False (after one warning) when compiling
+        fails, e.g. without a C++ compiler: this optimizer then stays eager."""
+        global _compiled_loop
+        try:
+            if _compiled_loop is None:
+                _compiled_loop = torch.compile(_generic_adam_loop, fullgraph=True)
+            _compiled_loop([(params, *self._tensors(params), _hyper(sc, params[0]),
+                             sc["eps_in_denominator"], sc["weight_decay"] != 0)
+                            for _, params, _, _, _, sc in work])
+            return True
+        except Exception as exc:  # compilation errors happen before any tensor is written
+            warnings.warn(f"GenericAdam: torch.compile failed ({type(exc).__name__}: {exc}); "
+                          "using eager kernels", RuntimeWarning, stacklevel=3)
+            self.compile = False
+            return False
+
+    def _step_eager(self, work) -> None:
+        for group, params, _, _, _, scalars in work:
+            update = _foreach_update if group["foreach"] in (None, True) else _single_tensor_update
+            _, exp_avgs, exp_avg_sqs = self._tensors(params)
+            update(params, exp_avgs, exp_avg_sqs, **scalars)
+
+
+def _hyper(sc: dict, ref: torch.Tensor) -> torch.Tensor:
+    """The per-step scalars as one tensor (so that new values each step do not recompile)."""
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    return torch.tensor([sc["beta_t"], 1.0 - sc["beta_t"], sc["theta_t"], 1.0 - sc["theta_t"],
+                         -sc["step_size"], sc["v_scale"], sc["eps"], sc["weight_decay"],
+                         _sqrt_tiny(ref.dtype)], dtype=dtype, device=ref.device)
+
+
+def _generic_adam_loop(work) -> None:
+    """(0)-(6), one tensor at a time (compiled: one fused pass per tensor). ``work``: per bucket
+    ``(params, grads, exp_avgs, exp_avg_sqs, hyper, eps_in_denominator, has_wd)`` with ``hyper``
+    from :func:`_hyper`."""
+    for params, grads, exp_avgs, exp_avg_sqs, hyper, eps_in_denominator, has_wd in work:
+        beta_t, one_m_beta, theta_t, one_m_theta, neg_step, v_scale, eps, wd, tiny = hyper.unbind()
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            if has_wd:
+                g = g + wd * p                                                         # (0)
+            v.copy_(v * theta_t + one_m_theta * (g * g))                               # (4)
+            m.copy_(m * beta_t + one_m_beta * g)                                       # (5)
+            denom = v.sqrt()
+            denom = denom * v_scale + eps if eps_in_denominator else denom.clamp_min(tiny)
+            p.add_(neg_step * (m / denom))                                             # (6)
 
 
 def _foreach_update(params, exp_avgs, exp_avg_sqs, *, beta_t, theta_t, step_size, v_scale, eps,
