@@ -62,7 +62,7 @@ by step count, running products, dtype and device (normally one bucket per group
 scalars are computed once per bucket in Python floats. Code paths (no ``.item()``, no host sync),
 as in :mod:`ssl_suite.optim.lars`:
 
-* compiled (default on CPU from ``COMPILE_MIN_NUMEL`` parameters in the step, ``compile=True``
+* compiled (default on CPU from ``_compile.COMPILE_MIN_NUMEL`` (4M) parameters in the step, ``compile=True``
   anywhere): :func:`_generic_adam_loop` under ``torch.compile(fullgraph=True)``, compiled once
   per process (and parameter shapes); Inductor fuses each tensor's update into one pass over
   (x, g, m, v). The scalars go in as 0-dim tensors, so a new lr, t^-s or theta_t each step does
@@ -85,7 +85,7 @@ from typing import Callable, Optional
 import torch
 from torch.optim import Optimizer
 
-from ssl_suite.optim.lars import COMPILE_MIN_NUMEL
+from ._compile import wants_compile
 
 EPS_MODES = ("v0", "denominator")
 
@@ -110,7 +110,7 @@ class GenericAdam(Optimizer):
         bias_correction: divide m and v by the sums of their weights (Kingma & Ba); off in the paper.
         foreach: multi-tensor path (default) or one tensor at a time (False); eager paths only.
         compile: run the step through ``torch.compile``; None: on the CPU when the parameters
-            with a gradient hold at least ``COMPILE_MIN_NUMEL`` elements; False: always eager.
+            with a gradient hold at least ``_compile.COMPILE_MIN_NUMEL`` (4M) elements; False: always eager.
             Not part of the state_dict.
     """
 
@@ -201,13 +201,7 @@ class GenericAdam(Optimizer):
                 [self.state[p]["exp_avg_sq"] for p in params])
 
     def _wants_compile(self, work) -> bool:
-        if self.compile is False or not hasattr(torch, "compile") or torch.compiler.is_compiling():
-            return False
-        if self.compile:
-            return True
-        params = [p for _, ps, *_ in work for p in ps]
-        return (all(p.device.type == "cpu" for p in params)
-                and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL)
+        return wants_compile(self.compile, (p for _, ps, *_ in work for p in ps))
 
     def _step_compiled(self, work) -> bool:
         """True when the compiled loop did the step; False (after one warning) when compiling

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-COMPILE_MIN_NUMEL = 1 << 22  # 4M: below this the compiled step saves less than its compile costs
+from ._compile import wants_compile
+
 
 
 def _trust_ratio(w_norm: Tensor, u_norm: Tensor, eta) -> Tensor:
@@ -98,7 +99,7 @@ class LARS(Optimizer):
         foreach: eager multi-tensor kernels; None: on every device but the CPU, where one tensor
             at a time is faster (it stays in cache).
         compile: run the step through ``torch.compile``; None: on the CPU when the parameters
-            hold at least ``COMPILE_MIN_NUMEL`` elements. Not part of the state_dict.
+            hold at least ``_compile.COMPILE_MIN_NUMEL`` (4M) elements. Not part of the state_dict.
     """
 
     def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -152,13 +153,7 @@ class LARS(Optimizer):
         return params, grads, bufs, hyper, bool(group["lars_adapt"]), group["weight_decay"] != 0
 
     def _wants_compile(self, work) -> bool:
-        if self.compile is False or not hasattr(torch, "compile") or torch.compiler.is_compiling():
-            return False
-        if self.compile:
-            return True
-        params = [p for _, ps, _, _ in work for p in ps]
-        return (all(p.device.type == "cpu" for p in params)
-                and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL)
+        return wants_compile(self.compile, (p for _, ps, *_ in work for p in ps))
 
     def _step_compiled(self, work) -> bool:
         """True when the compiled loop did the step; False (after one warning) when compiling
