@@ -489,22 +489,26 @@ def build_config(raw: Optional[dict] = None, overrides: Optional[list[str]] = No
     return cfg
 
 
+def read_yaml(path: Union[str, Path]) -> dict:
+    """The mapping in a YAML config file; ConfigError (one line) if missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config: {p}{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping of sections")
+    return raw
+
+
 def load_config(path: Union[str, Path, None], overrides: Optional[list[str]] = None,
                 cls: type = Config) -> Any:
     """Read a YAML file (or nothing) and apply dotted overrides; raise ConfigError on problems."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"--config: {p}{where} is not valid YAML") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections")
+    raw = read_yaml(path) if path is not None else {}
     return build_config(raw, overrides, cls)
 
 

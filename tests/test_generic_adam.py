@@ -361,7 +361,7 @@ def test_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
 
     def boom(*args, **kwargs):
         raise RuntimeError("no compiler here")
-    monkeypatch.setattr(ga, "_compiled_loop", None)
+    monkeypatch.setattr(ga._COMPILED, "compiled", None)  # forget any earlier compile
     monkeypatch.setattr(torch, "compile", boom)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         got, opt = _three_steps(compile=True)

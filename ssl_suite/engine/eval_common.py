@@ -13,11 +13,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from ..augment import ViewAugment, eval_transform
-from ..config import Config, ConfigError, EvalConfig, ViewConfig, build_config, to_dict
+from ..config import (Config, ConfigError, EvalConfig, ViewConfig, build_config, read_yaml,
+                      to_dict)
 from ..data import build_data, holdout_indices
 from .runs import run_config
 
@@ -32,15 +32,7 @@ def eval_config(run_dir: str, path: Optional[str], overrides: Optional[list[str]
     run_cfg = run_config(run_dir)
     raw: dict = {"data": to_dict(run_cfg.data), "seed": run_cfg.seed}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"--config: {p} is not valid YAML") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections")
+        loaded = read_yaml(path)
         for key, value in loaded.items():
             if key == "data" and isinstance(value, dict):
                 raw["data"] = {**raw["data"], **value}

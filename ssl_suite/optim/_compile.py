@@ -4,6 +4,7 @@ Generic Adam): on CPU from ``COMPILE_MIN_NUMEL`` parameters, anywhere when asked
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -20,3 +21,26 @@ def wants_compile(flag: Optional[bool], params: Iterable[torch.Tensor]) -> bool:
     params = list(params)
     return (all(p.device.type == "cpu" for p in params)
             and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL)
+
+
+class CompiledLoop:
+    """A per-tensor update loop compiled once per process (``fullgraph``), on first use.
+
+    Calling it runs the compiled loop and returns True; if compiling fails (e.g. no C++
+    compiler) it warns once, naming ``owner``, and returns False so the caller stays eager.
+    Compilation errors happen before any tensor is written.
+    """
+
+    def __init__(self, loop, owner: str):
+        self.loop, self.owner, self.compiled = loop, owner, None
+
+    def __call__(self, work) -> bool:
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.loop, fullgraph=True)
+            self.compiled(work)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the eager kernels
+            warnings.warn(f"{self.owner}: torch.compile failed ({type(exc).__name__}: {exc}); "
+                          "using eager kernels", RuntimeWarning, stacklevel=4)
+            return False

@@ -79,17 +79,15 @@ spec's [PAPER-R] recollection (high confidence on structure). The closure is cal
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from ._compile import wants_compile
+from ._compile import CompiledLoop, wants_compile
 
 EPS_MODES = ("v0", "denominator")
 
-_compiled_loop = None
 
 
 class GenericAdam(Optimizer):
@@ -205,20 +203,13 @@ class GenericAdam(Optimizer):
 
     def _step_compiled(self, work) -> bool:
         """True when the compiled loop did the step; False (after one warning) when compiling
-        fails, e.g. without a C++ compiler: this optimizer then stays eager."""
-        global _compiled_loop
-        try:
-            if _compiled_loop is None:
-                _compiled_loop = torch.compile(_generic_adam_loop, fullgraph=True)
-            _compiled_loop([(params, *self._tensors(params), _hyper(sc, params[0]),
+        fails: this optimizer then stays eager."""
+        if _COMPILED([(params, *self._tensors(params), _hyper(sc, params[0]),
                              sc["eps_in_denominator"], sc["weight_decay"] != 0)
-                            for _, params, _, _, _, sc in work])
+                            for _, params, _, _, _, sc in work]):
             return True
-        except Exception as exc:  # compilation errors happen before any tensor is written
-            warnings.warn(f"GenericAdam: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          "using eager kernels", RuntimeWarning, stacklevel=3)
-            self.compile = False
-            return False
+        self.compile = False
+        return False
 
     def _step_eager(self, work) -> None:
         for group, params, _, _, _, scalars in work:
@@ -249,6 +240,9 @@ def _generic_adam_loop(work) -> None:
             denom = v.sqrt()
             denom = denom * v_scale + eps if eps_in_denominator else denom.clamp_min(tiny)
             p.add_(neg_step * (m / denom))                                             # (6)
+
+
+_COMPILED = CompiledLoop(_generic_adam_loop, "GenericAdam")
 
 
 def _foreach_update(params, exp_avgs, exp_avg_sqs, *, beta_t, theta_t, step_size, v_scale, eps,

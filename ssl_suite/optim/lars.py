@@ -30,14 +30,13 @@ None calls ``.item()``: trust ratios stay on the device.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._compile import wants_compile
+from ._compile import CompiledLoop, wants_compile
 
 
 
@@ -83,7 +82,7 @@ def _lars_foreach(params, grads, bufs, *, lr: float, wd: float, beta: float, eta
     torch._foreach_add_(params, bufs, alpha=-lr)
 
 
-_compiled_loop = None
+_COMPILED = CompiledLoop(_lars_loop, "LARS")
 
 
 class LARS(Optimizer):
@@ -157,19 +156,12 @@ class LARS(Optimizer):
 
     def _step_compiled(self, work) -> bool:
         """True when the compiled loop did the step; False (after one warning) when compiling
-        fails, e.g. without a C++ compiler: this optimizer then stays eager."""
-        global _compiled_loop
-        try:
-            if _compiled_loop is None:
-                _compiled_loop = torch.compile(_lars_loop, fullgraph=True)
-            _compiled_loop([self._args(g, ps, gs, bs, self._hyper(g, ps[0]))
-                            for g, ps, gs, bs in work])
+        fails: this optimizer then stays eager."""
+        if _COMPILED([self._args(g, ps, gs, bs, self._hyper(g, ps[0]))
+                            for g, ps, gs, bs in work]):
             return True
-        except Exception as exc:  # compilation errors happen before any tensor is written
-            warnings.warn(f"LARS: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          "using eager kernels", RuntimeWarning, stacklevel=3)
-            self.compile = False
-            return False
+        self.compile = False
+        return False
 
     def _step_eager(self, work) -> None:
         for group, params, grads, bufs in work:
