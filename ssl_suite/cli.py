@@ -8,6 +8,8 @@ Jobs:
   export       the online encoder to safetensors + JSON sidecar, loadable by timm
   plot         PNG curves of one run's metrics.jsonl, or a comparison of several runs
   optimizers   every optimizer name a config accepts, with a one-line description
+  analyze      ``analyze hessian --run RUN``: Hessian spectrum (lambda_max, SLQ density) of the
+               BYOL loss, full- and mini-batch; ``analyze flatness --run RUN``: local-energy curve
 
 A configuration, data or checkpoint problem ends the command with one line on stderr naming what
 was wrong, exit status 2; a diverging run (non-finite loss) exits with status 3.
@@ -58,7 +60,60 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG curves from metrics.jsonl (extra: plots)")
     pl.add_argument("runs", nargs="+", metavar="RUN")
     pl.add_argument("--out", metavar="FILE")
+    an = sub.add_parser("analyze", help="curvature and flatness of a run (CSV + PNG in "
+                                        "RUN/analysis)")
+    asub = an.add_subparsers(dest="what", required=True)
+    for what, helptext in (("hessian", "Hessian spectrum of the BYOL loss: lambda_max, SLQ "
+                                       "density, full batch vs mini-batch (Granziol et al. 2022)"),
+                           ("flatness", "local energy under multiplicative weight noise "
+                                        "(Pittorino et al. 2021)")):
+        a = asub.add_parser(what, help=helptext)
+        a.add_argument("--run", required=True, metavar="RUN_DIR")
+        a.add_argument("--out", metavar="DIR", help="default RUN_DIR/analysis")
+        a.add_argument("--batch-size", type=int, default=128 if what == "hessian" else 256)
+        a.add_argument("--num-batches", type=int, default=4)
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--device", default=None, help="default: cuda when available")
+        a.add_argument("--no-progress", action="store_true")
+        if what == "hessian":
+            a.add_argument("--lanczos-steps", type=int, default=30)
+            a.add_argument("--probes", type=int, default=2)
+            a.add_argument("--bn-mode", choices=("train", "eval"), default="train")
+        else:
+            a.add_argument("--sigmas", type=float, nargs="+",
+                           default=[0.0, 0.01, 0.02, 0.05, 0.1])
+            a.add_argument("--samples", type=int, default=4)
+            a.add_argument("--bn", choices=("eval", "batch"), default="eval")
     return p
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    common = dict(batch_size=args.batch_size, num_batches=args.num_batches, seed=args.seed,
+                  out=args.out, progress=not args.no_progress, device=args.device)
+    try:
+        if args.what == "hessian":
+            from .analysis.hessian import hessian_job
+            res = hessian_job(args.run, lanczos_steps=args.lanczos_steps, probes=args.probes,
+                              bn_mode=args.bn_mode, **common)
+            full, mini = res.get("full", {}), res.get("mini", {})
+            print(f"lambda_max: full batch {full.get('lambda_max', float('nan')):.4g}, "
+                  f"mini-batch (B={args.batch_size}) {mini.get('lambda_max', float('nan')):.4g}"
+                  f"  -- written to {args.out or os.path.join(args.run, 'analysis')}")
+        else:
+            from .analysis.flatness import flatness_job
+            res = flatness_job(args.run, sigmas=tuple(args.sigmas), samples=args.samples,
+                               bn=args.bn, **common)
+            for name, m in res["metrics"].items():
+                pts = ", ".join(f"{s:g}: {d:+.4g}" for s, d in zip(res["sigmas"], m["delta"]))
+                print(f"{name} increase by sigma: {pts}")
+            print(f"written: {res['csv']}, {res['png']}")
+    except ValueError as e:   # the jobs' bad-input errors are one-line ValueErrors
+        raise _AnalyzeError(str(e)) from None
+    return 0
+
+
+class _AnalyzeError(SSLSuiteError):
+    pass
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -133,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.job == "plot":
             from .plots import main_plot
             return main_plot(args.runs, args.out)
+        if args.job == "analyze":
+            return run_analyze(args)
     except NonFiniteLossError as e:
         print(f"ssl-suite: error: {e}", file=sys.stderr)
         return 3

@@ -135,6 +135,11 @@ class ModelConfig:
     pred_hidden_dim: int = _f(4096, min=1)
     target_init: Literal["independent", "copy"] = _f(
         "independent", help="independent RNG init as the reference code, or a copy of online")
+    weight_norm: bool = _f(False, help="weight normalization (Salimans & Kingma 2016) on every "
+                                       "conv/linear layer of encoder, projector and predictor")
+    weight_norm_init: Literal["data", "none"] = _f(
+        "data", help="weight_norm: the paper's data-dependent init from one batch, or none")
+    mean_only_bn: bool = _f(False, help="BatchNorm -> mean-only BN (Salimans & Kingma §2.2)")
 
 
 @dataclass
@@ -164,20 +169,33 @@ class OptimConfig:
     lookahead_pullback: Literal["none", "reset", "pullback"] = _f(
         "none", help="lookahead: what happens to the base optimizer's momentum at a sync")
     kwargs: dict[str, Any] = _f({}, help="extra optimizer constructor kwargs")
+    wrs: bool = _f(False, help="weight rescaling after every step: the conv/linear weights that "
+                               "a normalisation layer follows back to target norm (WRS)")
+    wrs_per: Literal["unit", "tensor"] = _f("unit", help="wrs: per output unit or per tensor")
+    wrs_target_norm: float = _f(1.0, min_exclusive=0.0)
 
 
 @dataclass
 class ScheduleConfig:
     """Per-step learning-rate schedule after a linear warmup from 0: cosine to final_lr_frac
-    (BYOL), step decay, or cosine with warm restarts (SGDR, Loshchilov & Hutter 2017)."""
+    (BYOL), step decay, or cosine with warm restarts (SGDR, Loshchilov & Hutter 2017); or
+    ``lanczos``: LR and momentum learned on the fly from a Lanczos estimate of the Hessian
+    (Granziol et al. 2022), the base LR until the end of the warmup."""
 
-    name: Literal["cosine", "step", "restarts"] = _f("cosine")
+    name: Literal["cosine", "step", "restarts", "lanczos"] = _f("cosine")
     warmup_epochs: float = _f(10.0, min=0.0)
     final_lr_frac: float = _f(0.0, min=0.0, max=1.0)
     milestones: list[float] = _f([], help="step: epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, min_exclusive=0.0, max=1.0)
     restart_epochs: float = _f(10.0, min_exclusive=0.0, help="restarts: first cycle length T_0")
     restart_mult: float = _f(2.0, min=1.0, help="restarts: cycle length factor T_mult")
+    lanczos_every_epochs: float = _f(20.0, min_exclusive=0.0,
+                                     help="lanczos: epochs between estimates (the code's 20)")
+    lanczos_steps: int = _f(20, min=2, help="lanczos: Lanczos iterations per estimate")
+    lanczos_images: int = _f(256, min=2, help="lanczos: images of the fixed curvature batch")
+    lanczos_variant: Literal["heavy_ball", "gd", "ssgdmn"] = _f(
+        "heavy_ball", help="lanczos: heavy_ball (Polyak lr and momentum), gd, ssgdmn")
+    lanczos_lr_scale: float = _f(1.0, min_exclusive=0.0, help="lanczos: factor on the learned lr")
 
 
 @dataclass
@@ -204,6 +222,11 @@ class TrainConfig:
     eval_batch_size: int = _f(256, min=1)
     progress: bool = _f(True, help="tqdm progress bar")
     trackers: list[str] = _f([], help="accelerate trackers, e.g. [tensorboard]")
+    log_elr: bool = _f(False, help="log the effective LR lr/|w|^2 and the angular update of the "
+                                   "scale-invariant weights on every log step (any optimizer)")
+    bn_recompute_batches: int = _f(
+        20, min=0, help="optimizers whose final model is an average (replicasgd): batches over "
+                        "which its BatchNorm statistics are recomputed at the end")
 
 
 @dataclass
@@ -239,6 +262,9 @@ class LinearEvalConfig:
                              help="class-balanced part of the training split used to pick the LR")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), min=0.0, max=1.0,
                                          help="augmented mode: random resized crop area")
+    optimizer: str = _f("sgd", help="sgd: the paper's SGD (Nesterov); or any name of "
+                                    "`ssl-suite optimizers` (nsgd, koalam, mbf, svi, ...)")
+    optimizer_kwargs: dict[str, Any] = _f({}, help="extra constructor kwargs of optimizer")
 
 
 @dataclass
@@ -255,6 +281,9 @@ class FinetuneConfig:
     val_fraction: float = _f(0.1, min_exclusive=0.0, max=0.5,
                              help="class-balanced part of the training split used to pick the LR")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), min=0.0, max=1.0)
+    optimizer: str = _f("sgd", help="sgd: the paper's SGD (Nesterov); or any name of "
+                                    "`ssl-suite optimizers` (nsgd, koalam, mbf, svi, ...)")
+    optimizer_kwargs: dict[str, Any] = _f({}, help="extra constructor kwargs of optimizer")
 
 
 @dataclass

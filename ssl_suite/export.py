@@ -203,6 +203,9 @@ def export_encoder(run_dir: str | Path, out: str | Path, network: str = "online"
     timm_name = timm_name_for(mc.backbone, mc.cifar_stem)
     kwargs = dict(mc.backbone_kwargs)
     state, ckpt_dir = encoder_state(run_dir, network)
+    if mc.weight_norm or mc.mean_only_bn:   # folded into plain conv/linear/BatchNorm layers
+        from .engine.runs import load_encoder
+        state = load_encoder(run_dir, network=network)[0].state_dict()
 
     model = _build(timm_name, kwargs, "export", ExportError)
     expected = model.state_dict()

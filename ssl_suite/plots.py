@@ -87,11 +87,13 @@ def _run_name(run_dir: str | Path) -> str:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Loss, kNN top-1, learning rate and 1 - tau against step; PNG path (default RUN_DIR/curves.png)."""
+    """Loss, kNN top-1, learning rate and 1 - tau against step, and (runs with ``train.log_elr``)
+    the effective LR and angular update; PNG path (default RUN_DIR/curves.png)."""
     records = load_run(run_dir)
-    fig = _figure((11, 7))
-    axes = fig.subplots(2, 2, sharex=True)
-    (ax_loss, ax_knn), (ax_lr, ax_tau) = axes
+    has_elr = any("elr_median" in r for r in records)   # train.log_elr=true
+    fig = _figure((11, 10.5 if has_elr else 7))
+    axes = fig.subplots(3 if has_elr else 2, 2, sharex=True)
+    (ax_loss, ax_knn), (ax_lr, ax_tau) = axes[:2]
     fig.suptitle(_run_name(run_dir), fontweight="bold")
 
     loss = _series(records, "loss")
@@ -130,9 +132,27 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax_tau.set_yscale("log")
     ax_tau.set_ylabel("1 − τ  (target EMA, log)")
 
+    if has_elr:   # effective LR lr/|w|^2 and angular update of the scale-invariant weights
+        ax_elr, ax_ang = axes[2]
+        for key, label in (("elr_median", "lr/‖w‖² (median over tensors)"),
+                           ("elr_measured_median", "measured from the angle (median)"),
+                           ("elr_joint", "lr/‖w‖², all invariant weights jointly")):
+            ser = _series(records, key, positive=True)
+            if ser[0]:
+                ax_elr.plot(*ser, lw=1.2, label=label)
+        ax_elr.set_yscale("log")
+        ax_elr.set_ylabel("effective learning rate")
+        ax_elr.legend(fontsize=8)
+        for key, label in (("angle_median", "median over tensors"), ("angle_joint", "joint")):
+            ser = _series(records, key, positive=True)
+            if ser[0]:
+                ax_ang.plot(*ser, lw=1.2, label=label)
+        ax_ang.set_yscale("log")
+        ax_ang.set_ylabel("angular update per step (rad)")
+        ax_ang.legend(fontsize=8)
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     pairs = [(r["step"], r["epoch"]) for r in records
              if isinstance(r.get("epoch"), (int, float)) and r["epoch"] > 0 and r["step"] > 0]

@@ -44,3 +44,25 @@ def test_two_process_run_splits_batch_and_agrees(tmp_path):
         assert all(len(x) == 16 for x in local)
         assert not set(local[0]) & set(local[1])
         assert sorted(local[0] + local[1]) == sorted(rec[0]["global"])
+
+
+def test_two_process_runs_with_hooked_and_closure_optimizers(tmp_path):
+    """NSGD's input hooks, KOALA's per-sample losses (all-reduced), MBF's per-sample statistics
+    and SVI's replaced backward under DDP: both ranks end with the same weights, and the weights
+    moved."""
+    names = ["nsgd", "koalam", "mbf", "svi_momentum"]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2",
+           str(HERE / "ddp_optim_worker.py"), str(tmp_path), *names]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init = load_file(str(tmp_path / "init.safetensors"))
+    for name in names:
+        w0, w1 = (load_file(str(tmp_path / f"{name}_rank{r}.safetensors")) for r in range(2))
+        assert torch.isfinite(w0["loss"]), name
+        for k in w0:
+            assert torch.equal(w0[k], w1[k]), (name, k)
+        moved = [k for k in init if k.endswith("weight") and w0[k].dtype.is_floating_point
+                 and not torch.equal(init[k], w0[k])]
+        assert len(moved) >= 3, (name, moved)

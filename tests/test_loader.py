@@ -50,3 +50,27 @@ def test_iterate_epoch_resumes_mid_epoch_with_same_batches():
     images, labels = next(iterate_epoch(ds, plan, 2, 0, 0))[0]
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 2, 2)
     assert torch.equal(images[:, 0, 0, 0].long(), labels)
+
+
+def test_extra_batch_is_fresh_deterministic_and_split_over_processes():
+    from ssl_suite.data.loader import extra_batch
+
+    class Data:
+        in_memory = True
+        images = torch.arange(100).view(100, 1, 1, 1).expand(100, 3, 2, 2).to(torch.uint8)
+        labels = torch.arange(100) % 10
+
+    plan = [BatchPlan(100, 16, seed=3, accum=2, world=2)] * 2
+    a = [extra_batch(Data, plan[r], step=5, call=1, rank=r) for r in range(2)]
+    again = extra_batch(Data, plan[0], step=5, call=1, rank=0)
+    other = extra_batch(Data, plan[0], step=5, call=2, rank=0)
+    assert len(a[0]) == 2 and all(im.shape == (4, 3, 2, 2) for im, _ in a[0])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a[0], again))        # resumable
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a[0], other))    # a new batch per call
+    ids = [im[:, 0, 0, 0].long() for r in range(2) for im, _ in a[r]]
+    for im, lab in a[0] + a[1]:                                              # labels follow images
+        assert torch.equal(lab, im[:, 0, 0, 0].long() % 10)
+    # the two processes' slices of one micro-batch are the two halves of the same global draw
+    g = torch.Generator().manual_seed((3 * 1_000_003 + 5) * 1_009 + 1)
+    drawn = torch.randint(100, (16,), generator=g).view(2, 2, 4)
+    assert torch.equal(torch.stack(ids[:2]), drawn[:, 0]) and torch.equal(torch.stack(ids[2:]), drawn[:, 1])

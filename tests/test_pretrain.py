@@ -148,9 +148,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     calls = {"n": 0}
     real_loss = pretrain_mod.byol_loss
 
-    def loss_goes_nan(*args):
+    def loss_goes_nan(*args, **kwargs):
         calls["n"] += 1
-        out = real_loss(*args)
+        out = real_loss(*args, **kwargs)
         return out * float("nan") if calls["n"] > 2 else out
     monkeypatch.setattr(pretrain_mod, "byol_loss", loss_goes_nan)
     code, err = _run_cli(["pretrain", *tiny_overrides(run, **{"train.max_steps": 6,
@@ -204,3 +204,39 @@ def test_byol_runs_with_each_optimizer(tmp_path, name):
     res = pretrain(tiny_config(tmp_path / name, **{"optim.name": name, "optim.base_lr": lr,
                                                    "train.max_steps": 3, "train.knn_every": -1}))
     assert res.final_loss is not None and 0.0 <= res.final_loss <= 8.0
+
+
+def test_fresh_batch_optimizers_get_a_new_batch_on_every_closure_call(tmp_path, monkeypatch):
+    """An optimizer with ``fresh_batches = True`` that calls the closure 3 times per step sees the
+    planned batch first, then two other batches; a plain optimizer calling it twice sees the same
+    batch twice (LBFGS-style line searches need that)."""
+    import ssl_suite.optim.factory as factory
+
+    seen = []
+    real_augment = pretrain_mod.BYOLAugment
+
+    class Spy(real_augment):
+        def forward(self, images):
+            seen.append(images.clone())
+            return super().forward(images)
+    monkeypatch.setattr(pretrain_mod, "BYOLAugment", Spy)
+
+    for fresh, calls in ((True, 3), (False, 2)):
+        class Multi(torch.optim.SGD):
+            fresh_batches = fresh
+
+            def step(self, closure=None):
+                for _ in range(calls):
+                    closure()
+                return super().step()
+        real_create = factory.create_optimizer
+        monkeypatch.setattr(pretrain_mod, "create_optimizer",
+                            lambda mods, cfg, *a, **k: Multi(real_create(mods, cfg, *a, **k).param_groups))
+        seen.clear()
+        pretrain(tiny_config(tmp_path / f"run{fresh}", **{"train.max_steps": 2, "optim.name": "momentum"}))
+        assert len(seen) == 2 * calls
+        first, *rest = seen[:calls]
+        if fresh:
+            assert all(not torch.equal(first, r) for r in rest) and not torch.equal(rest[0], rest[1])
+        else:
+            assert all(torch.equal(first, r) for r in rest)

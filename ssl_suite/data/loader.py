@@ -109,6 +109,32 @@ def iterate_epoch(dataset, plan: BatchPlan, epoch: int, start_step: int, rank: i
         yield out
 
 
+def extra_batch(dataset, plan: BatchPlan, step: int, call: int,
+                rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's micro-batches of a *fresh* global batch for the ``call``-th closure call
+    (``call >= 1``) of optimizer step ``step``: for optimizers whose inner loop needs a new batch
+    on every closure call (Entropy-SGD's SGLD steps, each replica of Replicated SGD).
+
+    The global batch is ``B`` indices drawn uniformly (with replacement: no O(N) permutation per
+    call) from a generator seeded with ``(seed, step, call)``, the same on every process, then cut
+    into micro-batches and process slices exactly like a planned batch, so a resumed run draws
+    the same extra batches and the processes never duplicate work."""
+    g = torch.Generator().manual_seed((plan.seed * 1_000_003 + step) * 1_009 + call)
+    idx = torch.randint(plan.num_samples, (plan.global_batch,), generator=g)
+    idx = rearrange(idx, "(a w b) -> a w b", a=plan.accum, w=plan.world)[:, rank]
+    return [take(dataset, micro) for micro in idx.unbind(0)]
+
+
+def take(dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 (n,3,H,W), labels (n,))`` at the indices ``idx`` of a dataset."""
+    if getattr(dataset, "in_memory", False):
+        labels = dataset.labels
+        lab = labels[idx] if labels is not None else torch.full((len(idx),), -1)
+        return dataset.images[idx], lab
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([im for im, _ in items]), torch.as_tensor([lab for _, lab in items])
+
+
 def iterate_eval(dataset, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential batches over a labelled dataset (for kNN and evaluation)."""
     n = len(dataset)

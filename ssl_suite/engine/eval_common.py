@@ -1,5 +1,6 @@
 """What the evaluation jobs share: their config, the labelled splits, classifier training with
-SGD-Nesterov + cosine, top-k accuracy, and the ``results.csv`` table of a run."""
+SGD-Nesterov + cosine (or any optimizer of the library), top-k accuracy, and the ``results.csv``
+table of a run."""
 
 from __future__ import annotations
 
@@ -90,26 +91,60 @@ def cosine_sgd(params, lr: float, momentum: float, nesterov: bool, weight_decay:
     """SGD (Nesterov momentum, as the paper) with a per-step cosine decay to 0."""
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                           weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    return opt, _cosine(opt, total_steps)
+
+
+def _cosine(opt, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / max(total_steps, 1))))
-    return opt, sched
+
+
+def eval_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nesterov: bool,
+                   weight_decay: float, total_steps: int, kwargs: Optional[dict] = None,
+                   batch_size: int = 256):
+    """(optimizer, cosine scheduler) for an evaluation head.
+
+    ``name="sgd"`` is the paper's protocol (:func:`cosine_sgd`). Any other name goes through the
+    optimizer factory (timm's registry plus ours, ``lookahead_``/``svi_`` prefixes), with ``lr`` as
+    the absolute learning rate (no batch scaling), biases and norm parameters excluded from weight
+    decay, and ``total_steps`` passed to optimizers that take it (SVI's warm start)."""
+    if name == "sgd" and not kwargs:
+        return cosine_sgd(model.parameters(), lr, momentum, nesterov, weight_decay, total_steps)
+    from ..config import OptimConfig
+    from ..optim import create_optimizer
+    cfg = OptimConfig(name=name, base_lr=lr, lr_scaling="none", weight_decay=weight_decay,
+                      momentum=momentum, kwargs=dict(kwargs or {}))
+    opt = create_optimizer({"model": model}, cfg, batch_size, total_steps=total_steps)
+    return opt, _cosine(opt, total_steps)
 
 
 def train_classifier(head: nn.Module, batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
                      steps_per_epoch: int, epochs: int, lr: float, momentum: float, nesterov: bool,
-                     weight_decay: float, params=None, progress=None) -> nn.Module:
-    """Cross-entropy training; ``batches(epoch)`` yields (inputs, labels) for one epoch."""
-    opt, sched = cosine_sgd(head.parameters() if params is None else params, lr, momentum,
-                            nesterov, weight_decay, steps_per_epoch * epochs)
-    for epoch in range(epochs):
-        for x, y in batches(epoch):
-            loss = F.cross_entropy(head(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if progress is not None:
-            progress.update(1)
+                     weight_decay: float, params=None, progress=None, optimizer: str = "sgd",
+                     optimizer_kwargs: Optional[dict] = None) -> nn.Module:
+    """Cross-entropy training; ``batches(epoch)`` yields (inputs, labels) for one epoch.
+
+    Follows :mod:`ssl_suite.optim.protocol` (attach, ``step(closure)`` with per-sample losses), so
+    every optimizer of the library can train the head."""
+    from ..optim import protocol
+    if params is not None:
+        opt, sched = cosine_sgd(params, lr, momentum, nesterov, weight_decay,
+                                steps_per_epoch * epochs)
+    else:
+        opt, sched = eval_optimizer(head, optimizer, lr, momentum, nesterov, weight_decay,
+                                    steps_per_epoch * epochs, optimizer_kwargs)
+    with protocol.attach(opt, head):
+        for epoch in range(epochs):
+            for x, y in batches(epoch):
+                def closure():
+                    opt.zero_grad(set_to_none=True)
+                    losses = F.cross_entropy(head(x).float(), y, reduction="none")
+                    protocol.backward(opt, losses.mean())
+                    return losses.detach()
+                opt.step(closure)
+                sched.step()
+            if progress is not None:
+                progress.update(1)
     return head
 
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, EvalConfig
 from ..data import balanced_indices
 from ..data.loader import BatchPlan, iterate_epoch, iterate_eval
-from .eval_common import (append_results, crop_flip_view, cosine_sgd, eval_data, result_rows,
+from ..optim import protocol
+from .eval_common import (append_results, crop_flip_view, eval_data, eval_optimizer, result_rows,
                           topk_correct)
 from .pretrain import average_buffers, make_accelerator
 from .runs import load_encoder
@@ -87,8 +88,10 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
         torch.manual_seed(cfg.seed)
         model = Classifier(encoder, data.num_classes)
         plan = BatchPlan(n, batch, cfg.seed, 1, world)
-        opt, sched = cosine_sgd(model.parameters(), lr, fc.momentum, fc.nesterov,
-                                fc.weight_decay, plan.steps_per_epoch * fc.epochs)
+        opt, sched = eval_optimizer(model, fc.optimizer, lr, fc.momentum, fc.nesterov,
+                                    fc.weight_decay, plan.steps_per_epoch * fc.epochs,
+                                    fc.optimizer_kwargs, batch)
+        hooks = protocol.attach(opt, model)  # before prepare: hooks go on the raw modules
         model, opt = accelerator.prepare(model, opt)
         model.train()
         bar = tqdm(total=fc.epochs, desc=f"finetune lr={lr:g}", leave=False,
@@ -97,15 +100,25 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
             for micro in iterate_epoch(labelled, plan, epoch, 0, accelerator.process_index):
                 images, labels = micro[0]
                 x = (view(images.to(device)) - mean) / std
-                with accelerator.autocast():
-                    logits = model(x)
-                loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                opt.step()
+                labels = labels.to(device)
+
+                def closure():
+                    opt.zero_grad(set_to_none=True)
+                    with accelerator.autocast():
+                        logits = model(x)
+                    losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+                    protocol.backward(opt, losses.mean(), accelerator)
+                    return losses.detach()
+
+                if accelerator.scaler is not None:  # GradScaler does not take closures
+                    closure()
+                    opt.step()
+                else:
+                    opt.step(closure)
                 sched.step()
             bar.update(1)
         bar.close()
+        hooks.remove()
         raw = accelerator.unwrap_model(model)
         average_buffers([raw], accelerator)  # every process then scores the same model
         return raw
@@ -137,8 +150,8 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
     if main:
         frac = (Path(cfg.data.label_split_file).name if cfg.data.label_split_file
                 else f"{cfg.data.label_fraction:g}")
-        protocol = f"finetune-{frac}" + (" (random init)" if random_init else "")
-        append_results(run_dir, result_rows("finetune", run_cfg, cfg, protocol,
+        name = f"finetune-{frac}" + (" (random init)" if random_init else "")
+        append_results(run_dir, result_rows("finetune", run_cfg, cfg, name,
                                             {"top1": top1, "top5": top5}, run_dir))
     accelerator.wait_for_everyone()
     return result

@@ -103,7 +103,8 @@ def linear_eval(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: boo
             bar = tqdm(total=lc.epochs, desc=f"linear lr={lr:g}", leave=False,
                        disable=not cfg.progress)
             train_classifier(head, batches, _steps(len(labels), batch), lc.epochs, lr,
-                             lc.momentum, lc.nesterov, lc.weight_decay, progress=bar)
+                             lc.momentum, lc.nesterov, lc.weight_decay, progress=bar,
+                             optimizer=lc.optimizer, optimizer_kwargs=lc.optimizer_kwargs)
             bar.close()
             return head
 

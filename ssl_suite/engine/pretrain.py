@@ -6,9 +6,14 @@ One optimizer step, as the data path in DESIGN.md draws it::
                                              -> target(v1), target(v2) -> z1, z2 (no grad)
     loss = L(q1, z2) + L(q2, z1) -> backward -> optimizer.step(closure) -> EMA(target, tau_k)
 
-The engine always calls ``optimizer.step(closure)``; the closure zeroes the gradients, runs the
-``grad_accum_steps`` micro-batches of this step (forward + backward, DDP gradient sync only on the
-last one) and returns the mean loss. The LR schedule and tau advance once per optimizer step.
+The engine always calls ``optimizer.step(closure)`` (:mod:`ssl_suite.optim.protocol`): the
+optimizer's hooks are attached to the online network once (``protocol.attach``); the closure zeroes
+the gradients, runs the ``grad_accum_steps`` micro-batches of this step (forward +
+``protocol.backward``, DDP gradient sync only on the last one) and returns the per-image loss
+vector of the whole step. Optimizers that call the closure several times per step on *fresh*
+batches (``fresh_batches = True``: Entropy-SGD's inner loop, Replicated SGD's replicas) get the
+planned batch on the first call and a new batch (:func:`~ssl_suite.data.loader.extra_batch`,
+augmented anew) on each later call. The LR schedule and tau advance once per optimizer step.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from tqdm.auto import tqdm
 from ..augment import BYOLAugment, eval_transform
 from ..config import Config, ConfigError, save_yaml, to_dict
 from ..data import build_data
-from ..data.loader import BatchPlan, iterate_epoch
+from ..data.loader import BatchPlan, extra_batch, iterate_epoch, take
 from ..errors import CheckpointError, NonFiniteLossError
 from ..models import build_byol, byol_loss, ema_update_, tau_schedule
-from ..optim import build_scheduler, create_optimizer
+from ..optim import build_scheduler, create_optimizer, protocol
 from . import checkpoint as ckpt
 from .knn import evaluate_knn
 from .metrics import MetricsWriter
@@ -140,6 +145,8 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
 
     _seed_all(cfg.seed)
     online, target = build_byol(cfg.model)
+    if cfg.model.weight_norm and cfg.model.weight_norm_init == "data" and resume_dir is None:
+        _weight_norm_init(online, target, cfg, data, plan.micro_batch, device)
     if tc.grad_checkpointing:
         if not hasattr(online.encoder, "set_grad_checkpointing"):
             raise ConfigError(f"train.grad_checkpointing: {cfg.model.backbone} does not support it")
@@ -157,13 +164,37 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
 
     optimizer = create_optimizer({"encoder": online.encoder, "projector": online.projector,
                                   "predictor": online.predictor}, cfg.optim, tc.batch_size,
-                                 num_samples=len(data.pretrain), epochs=total_steps / steps_per_epoch)
-    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total_steps)
+                                 num_samples=len(data.pretrain), epochs=total_steps / steps_per_epoch,
+                                 total_steps=total_steps)
+    scheduler = None   # lanczos: built below, once the augmentation exists
+    if cfg.schedule.name != "lanczos":
+        scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total_steps)
     online, optimizer = accelerator.prepare(online, optimizer)
     raw_online = accelerator.unwrap_model(online)
     ema_target, ema_online = target.ema_pairs(raw_online)
+    hooks = protocol.attach(optimizer, raw_online)  # NSGD/MBF/SVI hooks; a no-op for the others
+    algo = protocol.unwrap(optimizer)
+    fresh = bool(getattr(algo, "fresh_batches", False))   # a new batch on every closure call
+    if accelerator.scaler is not None and getattr(algo, "requires_closure", False):
+        hooks.remove()
+        raise ConfigError(f"train.precision: fp16 steps through GradScaler, which cannot pass the "
+                          f"closure {type(algo).__name__} needs; use bf16 or fp32")
+
+    wrs = monitor = None   # weight rescaling (a callback after each step); the ELR monitor
+    if cfg.optim.wrs:
+        from ..optim.wrs import WeightRescaling
+        wrs = WeightRescaling(raw_online, per=cfg.optim.wrs_per,
+                              target_norm=cfg.optim.wrs_target_norm)
+        if resume_dir is None:
+            wrs.on_train_start()
+    if tc.log_elr:
+        from ..optim.wrs import ELRMonitor
+        monitor = ELRMonitor(raw_online, every=tc.log_every)
 
     augment = BYOLAugment(cfg.augment, data.mean, data.std).to(device)
+    if cfg.schedule.name == "lanczos":
+        scheduler = _lanczos_scheduler(algo, cfg, raw_online, target, augment, data.pretrain,
+                                       steps_per_epoch, device)
     mean = cfg.augment.mean or data.mean
     std = cfg.augment.std or data.std
     eval_tf = partial(eval_transform, image_size=cfg.augment.image_size, mean=mean, std=std)
@@ -274,11 +305,16 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                                            num_workers=cfg.data.num_workers,
                                            pin_memory=device.type == "cuda", end_step=end):
             holder: dict[str, torch.Tensor] = {}
+            calls = [0]
 
             def closure() -> torch.Tensor:
                 optimizer.zero_grad(set_to_none=True)
-                total = torch.zeros((), device=device)
-                for i, (images, _) in enumerate(micro_batches):
+                batches = micro_batches
+                if calls[0] and fresh:   # Entropy-SGD's inner steps, Replicated SGD's replicas
+                    batches = extra_batch(data.pretrain, plan, step, calls[0], rank)
+                calls[0] += 1
+                per_image = []
+                for i, (images, _) in enumerate(batches):
                     images = images.to(device, non_blocking=True)
                     v1, v2 = augment(images)
                     if tc.channels_last:
@@ -289,17 +325,23 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                         with accelerator.autocast():
                             q1, q2 = online(v1, v2)
                             z1, z2 = target(v1), target(v2)
-                        loss = byol_loss(q1, q2, z1, z2)
-                        accelerator.backward(loss / accum)
-                    total = total + loss.detach()
-                holder["loss"] = total / accum
-                return holder["loss"]
+                        losses = byol_loss(q1, q2, z1, z2, reduction="none")
+                        protocol.backward(optimizer, losses.mean() / accum, accelerator)
+                    per_image.append(losses.detach())
+                losses = torch.cat(per_image)
+                holder.setdefault("loss", losses.mean())   # the planned batch's loss is logged
+                return losses
 
+            if monitor is not None:
+                monitor.before_step()
             if use_scaler:  # GradScaler does not take closures
                 closure()
                 optimizer.step()
             else:
                 optimizer.step(closure)
+            if wrs is not None:
+                wrs.after_step()
+            elr = monitor.after_step(algo) if monitor is not None else None
             scheduler.step()
             ema_update_(ema_target, ema_online, tau_schedule(step, total_steps, cfg.byol.tau_base))
             step += 1
@@ -315,6 +357,8 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                        "lr": optimizer.param_groups[0]["lr"],
                        "tau": tau_schedule(step, total_steps, cfg.byol.tau_base),
                        "images_per_s": images_since / max(now - t_last, 1e-9)}
+                if elr:
+                    rec.update({k: v for k, v in elr.items() if isinstance(v, (int, float))})
                 t_last, images_since = now, 0
                 metrics.write(rec)
                 if tc.trackers:
@@ -332,6 +376,10 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                 bar.write(f"epoch {step // steps_per_epoch}: kNN top-1 {acc:.4f}")
             t_last, images_since = time.perf_counter(), 0  # keep evaluation out of images/s
     bar.close()
+    hooks.remove()
+    if getattr(algo, "recompute_bn_after_training", False) and tc.bn_recompute_batches > 0:
+        _recompute_bn(raw_online, augment, accelerator, data.pretrain, plan, total_steps, rank,
+                      tc.bn_recompute_batches)
 
     save(total_steps)
     knn_final = run_knn()
@@ -341,6 +389,95 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     if tc.trackers:
         accelerator.end_training()
     return PretrainResult(run_dir, total_steps, knn_init, knn_final, last_loss, raw_online, target)
+
+
+def _weight_norm_init(online, target, cfg: Config, data, n: int, device) -> None:
+    """Salimans & Kingma's data-dependent initialisation (§3) of the weight-normalised networks
+    from one batch of ``n`` pretraining images (a micro-batch) and their views T, T', drawn from
+    generators seeded by the run's seed, so every process computes the same initial weights and
+    the global RNG streams of the run are untouched. The target gets the same treatment on the
+    same views (or the online weights, with ``model.target_init=copy``)."""
+    from ..models.weight_norm import data_dependent_init
+
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + 3)
+    idx = torch.randperm(len(data.pretrain), generator=g)[:n]
+    images = take(data.pretrain, idx)[0].to(device)
+    augment = BYOLAugment(cfg.augment, data.mean, data.std).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed * 7_919 + 5)
+        with torch.no_grad():
+            v1, v2 = augment(images)
+    online.to(device).train()
+    data_dependent_init(online, lambda: online(v1, v2))
+    if cfg.model.target_init == "copy" or cfg.model.pretrained:
+        target.encoder.load_state_dict(online.encoder.state_dict())
+        target.projector.load_state_dict(online.projector.state_dict())
+    else:
+        target.to(device).train()
+        data_dependent_init(target, lambda: (target(v1), target(v2)))
+
+
+def _lanczos_scheduler(optimizer, cfg: Config, online, target, augment, dataset,
+                       steps_per_epoch: int, device):
+    """``schedule.name=lanczos``: :class:`ssl_suite.analysis.lr_rules.LanczosLR` on the BYOL loss.
+
+    The curvature function is fixed for the whole run, as in Granziol et al.'s code (20 Lanczos
+    steps on a fixed set of examples): ``schedule.lanczos_images`` pretraining images drawn once
+    from the run's seed, their two views drawn once; at each estimate the current target's
+    projections are recomputed (no grad) and the Hessian of the online network's BYOL loss (all
+    its parameters, BN with batch statistics and running statistics left alone, float32, no
+    autocast) goes through ``schedule.lanczos_steps`` Lanczos iterations. Every process computes
+    the same estimate on the same images. Before ``schedule.warmup_epochs`` the LR stays at the
+    factory's (base) LR; afterwards every param group gets the learned LR (times
+    ``lanczos_lr_scale``; per-group LR multipliers do not apply) and, where the optimizer has a
+    momentum, the learned momentum."""
+    from ..analysis.hessian import HessianOperator, batch_statistics_only, lanczos
+    from ..analysis.lr_rules import LanczosLR
+
+    sc = cfg.schedule
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)
+    idx = torch.randint(len(dataset), (sc.lanczos_images,), generator=g)
+    images = take(dataset, idx)[0].to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed * 7_919 + 29)
+        with torch.no_grad():
+            v1, v2 = augment(images)
+    params = [p for grp in optimizer.param_groups for p in grp["params"] if p.requires_grad]
+
+    def estimate():
+        with torch.no_grad(), batch_statistics_only(target):
+            z1, z2 = target(v1), target(v2)
+        with batch_statistics_only(online):
+            op = HessianOperator(params, lambda: byol_loss(*online(v1, v2), z1, z2))
+            return lanczos(op, sc.lanczos_steps, seed=cfg.seed)
+
+    has_momentum = all("momentum" in grp for grp in optimizer.param_groups)
+    return LanczosLR(optimizer, estimate,
+                     every=max(1, int(round(sc.lanczos_every_epochs * steps_per_epoch))),
+                     warmstart=int(round(sc.warmup_epochs * steps_per_epoch)),
+                     variant=sc.lanczos_variant, lr_scale=sc.lanczos_lr_scale,
+                     set_momentum=has_momentum)
+
+
+def _recompute_bn(online, augment, accelerator, dataset, plan: BatchPlan, step: int, rank: int,
+                  n: int) -> None:
+    """The final model of an averaging optimizer (Replicated SGD's centre) never ran forward
+    itself: re-estimate the online network's BatchNorm statistics as the plain average over
+    ``n`` fresh augmented batches (Pittorino et al. 2021 average the replicas' buffers instead;
+    see :func:`ssl_suite.optim.replica_sgd.recompute_bn_stats`). Every process averages its own
+    slice; the checkpoint averages the processes' buffers."""
+    from ..optim.replica_sgd import recompute_bn_stats
+
+    def batches():
+        for k in range(1, n + 1):
+            for images, _ in extra_batch(dataset, plan, step, k, rank):
+                yield images.to(accelerator.device, non_blocking=True)
+
+    def forward(model, images):
+        v1, v2 = augment(images)
+        with accelerator.autocast():
+            model(v1, v2)
+    recompute_bn_stats(online, batches(), forward=forward)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

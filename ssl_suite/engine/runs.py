@@ -43,7 +43,9 @@ def load_encoder(run_dir: str | Path, random_init: bool = False,
     """The run's trained encoder, or (``random_init``) the same encoder at its initialisation.
 
     The random initialisation is the online encoder the run started from: the same seed and the
-    same construction order as :func:`ssl_suite.engine.pretrain.pretrain`.
+    same construction order as :func:`ssl_suite.engine.pretrain.pretrain` (before weight
+    normalization's data-dependent init, which uses a batch). Weight normalization and mean-only
+    BN are folded into plain layers, so the encoder is a plain timm model.
     """
     cfg = run_config(run_dir)
     torch.manual_seed(cfg.seed)
@@ -52,4 +54,9 @@ def load_encoder(run_dir: str | Path, random_init: bool = False,
     if not random_init:
         state, latest = encoder_state(run_dir, network)
         ckpt.load_module_state(encoder, state, f"{latest}/{network}.safetensors (encoder)")
+    if cfg.model.weight_norm or cfg.model.mean_only_bn:
+        # plain timm modules for evaluation and export: w = g v/||v|| folded into the weight,
+        # mean-only BN as the BatchNorm that computes the same function in eval mode
+        from ..models.weight_norm import fold_weight_norm, to_batchnorm
+        to_batchnorm(fold_weight_norm(encoder))
     return encoder, cfg

@@ -38,14 +38,21 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (p - z).pow(2).sum(dim=-1)
 
 
-def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+              reduction: str = "mean") -> torch.Tensor:
     """Symmetric BYOL loss: mean over the batch of ``L(q1, sg(z2)) + L(q2, sg(z1))`` (eq. 3).
 
     ``q_v`` are online predictions of view v, ``z_v`` target projections of view v. The two view
     terms are summed, not averaged (App. F.5: biases and BN parameters, which LARS does not adapt,
-    are sensitive to a multiplicative loss factor).
+    are sensitive to a multiplicative loss factor). ``reduction="none"`` gives the per-image loss
+    vector (what the training closure returns, see :mod:`ssl_suite.optim.protocol`).
     """
-    return (regression_loss(q1, z2.detach()) + regression_loss(q2, z1.detach())).mean()
+    per_image = regression_loss(q1, z2.detach()) + regression_loss(q2, z1.detach())
+    if reduction == "none":
+        return per_image
+    if reduction != "mean":
+        raise ValueError(f"byol_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_image.mean()
 
 
 def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:
@@ -103,6 +110,8 @@ class TargetNetwork(nn.Module):
 def build_byol(cfg) -> tuple[OnlineNetwork, TargetNetwork]:
     """Online and target networks from a :class:`ssl_suite.config.ModelConfig`.
 
+    ``cfg.weight_norm`` / ``cfg.mean_only_bn`` reparametrise both networks the same way
+    (:mod:`ssl_suite.models.weight_norm`; the data-dependent init runs in the pretraining loop).
     ``cfg.target_init='independent'`` draws the target's initial weights from the RNG separately,
     as the reference code does (``_make_initial_state``); ``'copy'`` copies the online weights
     (solo-learn, lightly, byol-pytorch). The paper reports no significant difference.
@@ -120,5 +129,12 @@ def build_byol(cfg) -> tuple[OnlineNetwork, TargetNetwork]:
         target = TargetNetwork(copy.deepcopy(encoder), copy.deepcopy(projector))
     else:
         target = TargetNetwork(make_encoder(), MLPHead(dim, cfg.proj_hidden_dim, cfg.proj_dim))
+    if getattr(cfg, "mean_only_bn", False) or getattr(cfg, "weight_norm", False):
+        from .weight_norm import apply_weight_norm, mean_only_batchnorm
+        for net in (online, target):   # the same parametrisation: EMA pairs match by position
+            if cfg.mean_only_bn:
+                mean_only_batchnorm(net)
+            if cfg.weight_norm:
+                apply_weight_norm(net)
     return online, target
 

@@ -15,6 +15,7 @@ import math
 from typing import Iterable, Optional
 
 import torch
+from torch.nn.utils.parametrize import ParametrizationList
 from timm.optim import create_optimizer_v2, get_optimizer_class
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -31,8 +32,13 @@ class OptimizerError(ValueError):
 
 
 def is_excluded(module: nn.Module, param: torch.Tensor) -> bool:
-    """True for biases (ndim <= 1) and any parameter of a normalisation layer."""
-    return isinstance(module, NORM_TYPES) or param.ndim <= 1
+    """True for biases (ndim <= 1), any parameter of a normalisation layer, and the gains g of
+    weight normalization (``parametrizations.weight.original0``, shaped like the weight but a
+    per-unit scale, as a BN gamma)."""
+    if isinstance(module, NORM_TYPES) or param.ndim <= 1:
+        return True
+    return (isinstance(module, ParametrizationList) and param is getattr(module, "original0", None)
+            and any(type(m).__name__ == "_WeightNorm" for m in module))
 
 
 def param_groups(modules: dict[str, nn.Module], weight_decay: float, exclude: bool = True,
@@ -68,12 +74,28 @@ ALIASES: dict[str, str] = {"lars": "byollars", "timmlars": "lars", "generic_adam
 
 
 def resolve_name(name: str) -> tuple[str, bool]:
-    """(timm registry name, wrap in our Lookahead?) for a config name such as lookahead_lars."""
+    """(timm registry name, wrap in our Lookahead?) for a config name such as lookahead_lars.
+
+    ``svi_<base>`` is SVI around ``<base>`` and resolves to ``svi`` (the base goes to the
+    ``base`` keyword, see :func:`split_svi`)."""
     lower = name.lower()
     lookahead = lower.startswith("lookahead_")
     if lookahead:
         lower = lower[len("lookahead_"):]
+    if lower.startswith("svi_"):
+        return "svi", lookahead
     return ALIASES.get(lower, lower), lookahead
+
+
+def split_svi(name: str) -> Optional[str]:
+    """The base optimizer of an ``svi_<base>`` config name (``lookahead_svi_adamw`` -> adamw)."""
+    lower = name.lower()
+    if lower.startswith("lookahead_"):
+        lower = lower[len("lookahead_"):]
+    if lower.startswith("svi_"):
+        base = lower[len("svi_"):]
+        return ALIASES.get(base, base)
+    return None
 
 
 def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
@@ -94,14 +116,16 @@ def normalized_weight_decay(lambda_norm: float, batch: int, num_samples: int, ep
 
 def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
                      num_samples: Optional[int] = None,
-                     epochs: Optional[float] = None) -> torch.optim.Optimizer:
+                     epochs: Optional[float] = None,
+                     total_steps: Optional[int] = None) -> torch.optim.Optimizer:
     """Build ``cfg.name`` over :func:`param_groups` of ``modules`` through timm's registry.
 
     ``cfg`` is a :class:`ssl_suite.config.OptimConfig`. Names go through :data:`ALIASES`; a
     ``lookahead_`` prefix wraps the optimizer in our :class:`~ssl_suite.optim.lookahead.Lookahead`
     (slow weights in its state_dict). Keyword arguments the optimizer class does not take
     (``trust_coeff`` for non-LARS optimizers) are left out. ``num_samples`` and ``epochs`` are
-    needed for ``cfg.normalized_weight_decay``.
+    needed for ``cfg.normalized_weight_decay``; ``total_steps`` (the run's optimizer steps) goes
+    to optimizers whose constructor takes it (SVI's warm start).
     """
     name, lookahead = resolve_name(cfg.name)
     lr = scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
@@ -124,6 +148,14 @@ def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
     extra = dict(cfg.kwargs)
     if accepted is not None and "trust_coeff" in accepted:
         extra.setdefault("trust_coeff", cfg.trust_coeff)
+    if total_steps is not None and _takes(opt_cls, "total_steps"):
+        extra.setdefault("total_steps", int(total_steps))
+    svi_base = split_svi(cfg.name)
+    if svi_base is not None:
+        if "base" in extra and extra["base"] != svi_base:
+            raise OptimizerError(f"optim.name: {cfg.name} names base {svi_base!r} but "
+                                 f"optim.kwargs.base is {extra['base']!r}")
+        extra["base"] = svi_base
     unknown = [k for k in extra if accepted is not None and k not in accepted]
     if unknown:
         raise OptimizerError(f"optim.kwargs: {cfg.name} does not take {', '.join(unknown)}")
@@ -146,6 +178,8 @@ def list_all() -> list[tuple[str, str]]:
         rows[alias] = f"-> {target}: {timm_rows.get(target, '')}"
     rows["lookahead_<name>"] = ("any of these wrapped in ssl_suite's Lookahead (Zhang et al. "
                                 "2019), slow weights kept in state_dict")
+    rows["svi_<name>"] = ("SVI directions (Xu, Cheng & Xie 2022) fed to any of these "
+                          "(= svi with kwargs base=<name>)")
     return sorted(rows.items())
 
 
@@ -157,6 +191,14 @@ def _accepted_kwargs(cls) -> Optional[set[str]]:
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return set(sig.parameters) - {"self", "params"}
+
+
+def _takes(cls, name: str) -> bool:
+    """True if ``cls.__init__`` names the keyword ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def all_parameters(groups: Iterable[dict]) -> list[torch.Tensor]:

@@ -74,6 +74,10 @@ class Lookahead(Optimizer):
         momentum_keys: base-optimizer state entries that ``"reset"``/``"pullback"`` act on.
     """
 
+    #: :func:`ssl_suite.optim.protocol.unwrap` looks through to the base optimizer, so the base's
+    #: ``attach``/``backward`` (NSGD, MBF, SVI) are used under Lookahead too.
+    wraps_optimizer = True
+
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5,
                  pullback_momentum: str = "none", momentum_keys: Sequence[str] = MOMENTUM_KEYS):
         if not isinstance(optimizer, Optimizer):

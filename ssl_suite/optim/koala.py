@@ -1,0 +1,1043 @@
+"""KOALA: Kalman Optimization Algorithm with Loss Adaptivity (Davtyan, Sameni, Cerkezi, Meishvili,
+Bielski, Favaro, AAAI 2022, arXiv 2107.03331), variants KOALA-V (vanilla) and KOALA-M (momentum).
+Spec: ``shared/algorithms/nsgd_koala_mbf_svi.md`` section 2. Official code: ``Araachie/koala``
+(``koala.py``: ``VanillaKOALA``, ``MomentumKOALA``; ``train.py``: hyper-parameters).
+
+The weights are the state of a Kalman filter and the minibatch loss is a noisy measurement of a
+target loss: ``L_target = L(x) + v``, ``v ~ N(0, R)``; linearising gives ``H = grad L(x)^T``.
+Updates are **layer-wise** (one gain per parameter tensor l, gradient g_l), the covariance is one
+shared scalar (V) or one 2x2 scalar pattern (M), and ``H H^T`` is approximated by the max over
+layers. All scalars are float64 tensors on the parameters' device (no host syncs).
+
+KOALA-V (supplement eqs. 31, 36)::
+
+    predict:  P^ = P + Q                                    (Q = q, a constant)
+    per layer l:
+              S_l   = P^ ||G_l||^2 + R
+              x_l  <- x_l - (P^ (L - L_target) / S_l) G_l
+              h_l   = ||G_l||^2 / S_l
+    update:   P = P^ - P^2 max_l h_l        (= R P^ / (P^ ||G_max||^2 + R), eq. 36 for one layer)
+
+KOALA-M (supplement Algorithm 2; state x_bar = (x, v), F = [[1, 1], [0, kappa]])::
+
+    predict (BEFORE the closure: the gradient is taken at the predicted point):
+              x_avg <- b_x x_avg + (1 - b_x) x ;  q_x = ||x - x_avg||^2 / n     (eqs. 50-51)
+              Q = diag(q_x, q_v)                                                 (eq. 52)
+              x <- x + v ;  v <- kappa v ;  P^ = F P F^T + Q
+    per layer l (gradient at x^):
+              S_l = P^_00 ||G_l||^2 + R
+              x_l <- x_l - (P^_00 (L - L_target) / S_l) G_l
+              v_l <- v_l - (P^_10 (L - L_target) / S_l) G_l
+              h_l = ||G_l||^2 / S_l
+    update:   P = P^ - P^ diag(max_l h_l, 0) P^^T
+
+Target loss (supplement Theorem 1, spec 2.4). ``target="relative"`` (default) is form (b),
+``L_target = (1 - eps_k) L`` with ``eps_k = group["lr"]``, so ``L - L_target = lr * L``. This is
+exactly the official code's ``lr * layer_loss`` in place of ``L - L_target``: the two coincide, and
+lr = 1 (the paper's default) means a target of 0. An LR scheduler therefore schedules the target
+gap; each param group uses its own lr in its gains. ``target="absolute"`` is form (a),
+``L_target = L - eps_k``, i.e. ``L - L_target = lr``.
+
+Measurement noise R (spec 2.5). ``r_mode="paper"`` (eq. 49):
+``R <- b_R R + (1 - b_R) mean_i (l_i - L_target)^2`` over the closure's per-sample losses l_i, where
+``L_target`` is the data-loss target of the first param group's lr (R is one shared scalar):
+``mean_i (l_i - (1 - eps) L)^2 = m2 - (1 - eps^2) L^2`` (relative) or ``m2 - L^2 + eps^2``
+(absolute), with ``L`` the mean and ``m2`` the mean of squares. ``r_mode="code"``: the official
+code's raw second moment ``m2`` (equal to eq. 49 only for a target of 0, i.e. lr = 1).
+``b_R = r_beta = 0.9`` and ``R_0 = r_init = 1.0`` are the code's ``ExpAverage(0.9, 1.0)``;
+``r=<float>`` fixes R (the code's ``r`` argument). Under ``torch.distributed`` the sum, the sum of
+squares and the count of the per-sample losses are all-reduced, so L and m2 are global.
+
+Process noise Q for KOALA-M (spec 2.5). ``q_mode="paper"`` (eqs. 50-52): as above, x_avg starts
+at the initial weights [RECONSTRUCTION: the paper gives no initialisation] and ``b_x = avg_beta =
+0.9`` (the code's constant; the paper gives none). ``q_mode="code"``: the official estimator,
+``gt`` initialised to **zeros** and updated as ``gt <- 0.9 gt + 0.1 x`` at the end of each update
+(layers skipped by the skip rule are not updated), and in predict
+``q_w <- EMA_{q_beta}(sqrt(sum_l ||gt_l - x_l||^2) / n)`` (a norm, not squared; ``q_beta=0.9``,
+``q_w`` starts at ``qw=1e-2``). Both use ``q_v = qv = 1e-2`` (code). KOALA-V uses the constant
+``q`` (default 1: ``train.py`` does not pass q, so the class default 1 is what ran).
+
+Weight decay (not in the paper). ``wd_mode="objective"`` (default) [RECONSTRUCTION]: weight decay
+is an L2 term in the measured objective, ``f = L + sum_l wd_l/2 ||x_l||^2`` (wd_l = its group's
+``weight_decay``), so ``H = grad f``: both variants step along ``G_l = g_l + wd_l x_l``, use
+``||G_l||`` in S_l and h_l, and the target gap is taken on f (all layers' L2 terms). This is the
+paper's filter applied to the regularised loss. ``wd_mode="code"``: the official code, where the
+loss of layer l carries only its own L2 term, ``L + wd_l/2 ||x_l||^2``, and KOALA-V steps along
+``g_l`` (without weight decay) while KOALA-M steps along ``G_l``; both use ``||G_l||`` in S and h.
+The L2 term never enters R. ``||G_l||^2`` is formed as ``||g||^2 + 2 wd <g, x> + wd^2 ||x||^2``
+in float64 from float32 reductions (no copy of G), clamped at 0.
+
+Skip rule (spec 2.4). ``skip="layer"`` (default, the code): a layer with
+``||g_l|| < skip_threshold`` (1e-9, code) is not updated and does not enter the max.
+``skip="iteration"`` (Alg. 2): if any layer with a gradient is below the threshold the whole
+update is skipped: no weight or velocity change, ``P = P^``, R unchanged (for KOALA-M the
+predict has already happened and stands).
+If no layer is updated, ``max_l h_l = 0`` and ``P = P^`` (the code would fail on an empty max).
+
+Protocol: :meth:`step` requires the closure (zero-grad, forward, backward, **return the detached
+1-D per-sample loss vector**); it is called exactly once per step, after KOALA-M's predict.
+Parameters without a gradient are skipped (KOALA-M still moves them by their velocity in predict).
+If the closure raises, KOALA-M's weights stay at the predicted point x + v.
+
+Defaults and their sources: ``lr=1.0`` (paper: "default learning rate of 1.0"; ``train.py``),
+``sigma=0.1`` (KOALA-V ``P_0``, ``train.py``; class default 1), ``q=1.0`` (class default, used in
+the experiments), ``sw=sv=0.1, sc=0`` (KOALA-M ``P_0``, ``train.py`` and class defaults),
+``kappa=0.9`` (code ``a``), ``qw=qv=1e-2`` (code), ``r_beta=0.9, r_init=1.0`` (code
+``ExpAverage``), ``avg_beta=q_beta=0.9`` (code), ``skip_threshold=1e-9`` (code ``eps``).
+The paper's CIFAR runs use ``weight_decay=5e-4`` (``train.py``) and a step schedule x0.2.
+
+Memory: KOALA-V keeps no per-parameter buffer; KOALA-M keeps ``v`` and ``x_avg`` (two, like Adam).
+Code paths, all with the same element-wise arithmetic: per tensor (CPU default below 4M elements:
+a tensor's few ops run while it is in cache), foreach (other devices), C kernels (``native``; the
+CPU default from 4M elements, float32/float64) and ``torch.compile``'d loops (``compile=True``,
+or where the C kernels cannot be built). The C kernels make one pass over all tensors per
+kernel: KOALA-M's predict (read x, v, x_avg; write x, x_avg; sum ||x - x_avg||^2), the
+reductions (read g; and x where the group has weight decay) and the update (read x, g, v; write
+x, v). ``v^ = kappa v`` is applied in the update's pass (``v <- kappa v - b G``), not in the
+predict's, which saves a write of v; nothing observable changes: the closure sees x^ = x + v,
+the state after the step is the same, and a closure that raises still leaves v = kappa v. That
+is 11 memory passes over the parameters per KOALA-M step (KOALA-V: 4; fused AdamW: 7). It is
+the floor for this update without moving the next step's predict into this step's update (which
+would leave the weights at x + v after ``step()``, where e.g. BYOL's target EMA reads them): the
+predict and the update each read and write x, the gain needs all of ||g_l|| before any of g is
+applied, and v is read by both.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _native, protocol
+from ._compile import COMPILE_MIN_NUMEL, CompiledLoop, wants_compile
+
+_F64 = torch.float64
+_CHOICES = {"variant": ("v", "m"), "r_mode": ("paper", "code"), "q_mode": ("paper", "code"),
+            "target": ("relative", "absolute"), "wd_mode": ("objective", "code"),
+            "skip": ("layer", "iteration")}
+
+
+class KOALA(Optimizer):
+    """KOALA-V (``variant="v"``) or KOALA-M (``variant="m"``); see the module docstring.
+
+    Args:
+        params: parameters or param groups (each group may set ``lr`` and ``weight_decay``).
+        lr: eps_k of the target loss (``L - L_target = lr * L``); 1.0 in the paper.
+        variant: ``"v"`` (vanilla) or ``"m"`` (momentum).
+        weight_decay: L2 coefficient (see ``wd_mode``).
+        sigma, q: KOALA-V initial P and constant Q.
+        sw, sc, sv, kappa, qw, qv: KOALA-M initial P = [[sw, sc], [sc, sv]], velocity decay,
+            initial q_w (code estimator) and constant q_v.
+        q_mode, avg_beta, q_beta: KOALA-M process-noise estimator (``"paper"`` eqs. 50-52 /
+            ``"code"``), weight-average decay b_x, EMA decay of the code's q_w.
+        r: fixed R (None: estimate it); r_beta, r_init: EMA decay and start of R; r_mode:
+            ``"paper"`` (eq. 49, centred on the target) or ``"code"`` (raw second moment).
+        target: ``"relative"`` (form (b), default) or ``"absolute"`` (form (a)).
+        wd_mode: ``"objective"`` (default) or ``"code"``.
+        skip, skip_threshold: ``"layer"`` (code) or ``"iteration"`` (Alg. 2), threshold theta.
+        foreach: multi-tensor kernels; None: on every device but the CPU.
+        compile: run the per-tensor passes through ``torch.compile`` (one fused kernel per tensor
+            and pass); None: on the CPU from ``_compile.COMPILE_MIN_NUMEL`` (4M) elements, as LARS,
+            where the C kernels (``native``) cannot be had.
+        native: the C kernels (one pass over all tensors per kernel, see the module docstring)
+            for float32/float64 CPU tensors; None: from ``COMPILE_MIN_NUMEL`` elements unless
+            ``compile=True``.
+    """
+
+    requires_closure = True   # step() reads the closure's per-sample losses
+
+    def __init__(self, params, lr: float = 1.0, variant: str = "m", weight_decay: float = 0.0, *,
+                 sigma: float = 0.1, q: float = 1.0,
+                 sw: float = 0.1, sc: float = 0.0, sv: float = 0.1, kappa: float = 0.9,
+                 qw: float = 1e-2, qv: float = 1e-2, q_mode: str = "paper",
+                 avg_beta: float = 0.9, q_beta: float = 0.9,
+                 r: Optional[float] = None, r_beta: float = 0.9, r_init: float = 1.0,
+                 r_mode: str = "paper", target: str = "relative", wd_mode: str = "objective",
+                 skip: str = "layer", skip_threshold: float = 1e-9,
+                 foreach: Optional[bool] = None, compile: Optional[bool] = None,
+                 native: Optional[bool] = None):
+        for name, value in dict(variant=variant, r_mode=r_mode, q_mode=q_mode, target=target,
+                                wd_mode=wd_mode, skip=skip).items():
+            if value not in _CHOICES[name]:
+                raise ValueError(f"KOALA: {name}={value!r}, expected one of {_CHOICES[name]}")
+        checks = [("lr", lr, lr >= 0), ("weight_decay", weight_decay, weight_decay >= 0),
+                  ("sigma", sigma, sigma > 0), ("q", q, q >= 0), ("sw", sw, sw > 0),
+                  ("sv", sv, sv > 0), ("sc", sc, sc * sc < sw * sv),
+                  ("kappa", kappa, 0 <= kappa <= 1), ("qw", qw, qw >= 0), ("qv", qv, qv >= 0),
+                  ("avg_beta", avg_beta, 0 <= avg_beta < 1), ("q_beta", q_beta, 0 <= q_beta < 1),
+                  ("r", r, r is None or r > 0), ("r_beta", r_beta, 0 <= r_beta < 1),
+                  ("r_init", r_init, r_init > 0), ("skip_threshold", skip_threshold,
+                                                   skip_threshold >= 0)]
+        for name, value, ok in checks:
+            if not ok:
+                raise ValueError(f"KOALA: invalid {name}={value!r}"
+                                 + (" (need sc^2 < sw*sv)" if name == "sc" else ""))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, foreach=foreach))
+        self.variant, self.sigma, self.q = variant, float(sigma), float(q)
+        self.sw, self.sc, self.sv, self.kappa = float(sw), float(sc), float(sv), float(kappa)
+        self.qw, self.qv, self.q_mode = float(qw), float(qv), q_mode
+        self.avg_beta, self.q_beta = float(avg_beta), float(q_beta)
+        self.r, self.r_beta, self.r_init, self.r_mode = r, float(r_beta), float(r_init), r_mode
+        self.target, self.wd_mode = target, wd_mode
+        self.skip, self.skip_threshold = skip, float(skip_threshold)
+        self._scratch: dict = {}
+        self.compile, self.native = compile, native
+        self._layouts: dict = {}        # C-kernel chunk tables, per list of tensors
+        self._pending: Optional[_Layout] = None   # native predict done, v not yet decayed
+        dev = self._device()
+        glob = {"R": torch.tensor(self.r if self.r is not None else self.r_init, dtype=_F64,
+                                  device=dev)}
+        if variant == "v":
+            glob["P"] = torch.tensor(self.sigma, dtype=_F64, device=dev)
+        else:
+            glob["P"] = torch.tensor([[self.sw, self.sc], [self.sc, self.sv]], dtype=_F64,
+                                     device=dev)
+            glob["qw"] = torch.tensor(self.qw, dtype=_F64, device=dev)
+        glob["P_prior"] = glob["P"].clone()
+        self.state["koala"] = glob
+
+    # ----------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    @property
+    def P(self) -> Tensor:
+        """The posterior covariance (0-d for V, 2x2 for M), float64."""
+        return self.state["koala"]["P"]
+
+    @property
+    def R(self) -> Tensor:
+        return self.state["koala"]["R"]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        glob = self.state.get("koala")
+        if glob is None:
+            raise ValueError("KOALA.load_state_dict: no 'koala' entry (not a KOALA state_dict)")
+        dev = self._device()
+        self.state["koala"] = {k: v.to(device=dev, dtype=_F64, copy=True) for k, v in glob.items()}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_scratch", {})
+        self.__dict__.setdefault("compile", None)
+        self.__dict__.setdefault("native", None)
+        self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_pending", None)
+
+    def _foreach(self, group: dict, ref: Tensor) -> bool:
+        return group["foreach"] if group["foreach"] is not None else ref.device.type != "cpu"
+
+    def _buf(self, p: Tensor) -> Tensor:
+        """A reused flat scratch buffer as large as ``p`` (per device and dtype)."""
+        key = (p.device, p.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < p.numel():
+            buf = self._scratch[key] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        return buf[:p.numel()].view_as(p)
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """One KOALA step: [KOALA-M predict], ``closure()`` once, update. Returns the closure's
+        per-sample loss vector."""
+        if closure is None:
+            raise ValueError("KOALA.step needs a closure that runs zero_grad/forward/backward and "
+                             "returns the per-sample loss vector")
+        if self.variant == "m":
+            self._predict()
+        else:
+            glob = self.state["koala"]
+            glob["P_prior"] = glob["P"] + self.q                        # P^ = P + Q  (eq. 31)
+        try:
+            with torch.enable_grad():
+                out = closure()
+            self._update(protocol.sample_losses(out, "KOALA"))
+        finally:        # a no-op unless the closure or the update raised after a native predict:
+            self._finish_predict()          # then the state is the predicted one, v^ included
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    def _wants_compile(self, params: list) -> bool:
+        return (wants_compile(self.compile, params)
+                and len({(p.device, p.dtype) for p in params}) == 1)
+
+    def _native_layout(self, params: list) -> Optional["_Layout"]:
+        """The C kernels' layout of ``params`` (cached per list) if they are to run on them."""
+        if self.native is False or not params:
+            return None
+        key = tuple(map(id, params))
+        if key not in self._layouts:
+            if len(self._layouts) > 8:
+                self._layouts.clear()
+            self._layouts[key] = self._new_layout(params)
+        layout = self._layouts[key]
+        return layout if layout is not None and layout.matches(params) else None
+
+    def _new_layout(self, params: list) -> Optional["_Layout"]:
+        p0 = params[0]
+        if (p0.device.type != "cpu" or p0.dtype not in (torch.float32, torch.float64)
+                or (self.native is None and (self.compile or sum(p.numel() for p in params)
+                                             < COMPILE_MIN_NUMEL))
+                or not all(p.device.type == "cpu" and p.dtype == p0.dtype for p in params)):
+            return None
+        if _native_kernels() is None:
+            _warn_native_once()
+            return None
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        return _Layout(params, [group_of[id(p)] for p in params])
+
+    def _finish_predict(self) -> None:
+        """After a native predict: v <- kappa v where the update will not do it."""
+        layout, self._pending = self._pending, None
+        if layout is not None:
+            torch._foreach_mul_([self.state[p]["velocity"] for p in layout.params], self.kappa)
+
+    def _predict(self) -> None:
+        """KOALA-M predict (Alg. 2): Q from the weight average, x <- x + v, v <- kappa v,
+        P^ = F P F^T + Q."""
+        glob, paper = self.state["koala"], self.q_mode == "paper"
+        b, dev = self.avg_beta, glob["P"].device
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            st = self.state[p]
+            if "velocity" not in st:
+                st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["x_avg"] = (p.detach().clone(memory_format=torch.preserve_format) if paper
+                               else torch.zeros_like(p, memory_format=torch.preserve_format))
+        vs = [self.state[p]["velocity"] for p in params]
+        avgs = [self.state[p]["x_avg"] for p in params]
+        sq = None
+        layout = self._native_layout(params)
+        if layout is not None and all(t.is_contiguous() for t in vs + avgs):
+            diff_sq = _native_kernels().predict(layout, params, vs, avgs,
+                                                1.0 - b if paper else 0.0, paper).to(dev)
+            torch.autograd.graph.increment_version(params)
+            self._pending = layout          # x^ = x + v is done; v^ = kappa v is the update's
+            self._q_and_prior(glob, diff_sq, params, paper)
+            return
+        if params and self._wants_compile(params):
+            out = torch.empty(len(params), dtype=params[0].dtype, device=params[0].device)
+            if _COMPILED_PREDICT([(params, vs, avgs, out, 1.0 - b if paper else 0.0,
+                                   self.kappa)]):
+                sq = out
+            else:
+                self.compile = False
+        if params and sq is None:
+            if self._foreach(self.param_groups[0], params[0]):
+                diffs = torch._foreach_sub(params, avgs)
+                norms = torch._foreach_norm(diffs)
+                if paper:
+                    torch._foreach_add_(avgs, diffs, alpha=1.0 - b)        # eq. 50
+                del diffs
+                torch._foreach_add_(params, vs)                           # x^ = x + v
+                torch._foreach_mul_(vs, self.kappa)                       # v^ = kappa v
+            else:
+                norms = []
+                for p, v, a in zip(params, vs, avgs):
+                    d = torch.sub(p, a, out=self._buf(p))
+                    norms.append(torch.linalg.vector_norm(d))
+                    if paper:
+                        a.add_(d, alpha=1.0 - b)
+                    p.add_(v)
+                    v.mul_(self.kappa)
+            sq = torch.stack(norms).square()
+        diff_sq = (sq.to(device=dev, dtype=_F64).sum() if sq is not None
+                   else torch.zeros((), dtype=_F64, device=dev))
+        self._q_and_prior(glob, diff_sq, params, paper)
+
+    def _q_and_prior(self, glob: dict, diff_sq: Tensor, params: list, paper: bool) -> None:
+        """q_x from sum ||x - x_avg||^2 (eq. 51 or the code's EMA) and P^ = F P F^T + Q."""
+        b = self.avg_beta
+        n = max(sum(p.numel() for p in params), 1)
+        if paper:
+            q_x = diff_sq * (b * b) / n                 # ||x - x_avg_new||^2 / n, eq. 51
+        else:
+            glob["qw"] = self.q_beta * glob["qw"] + (1.0 - self.q_beta) * diff_sq.sqrt() / n
+            q_x = glob["qw"]
+        # P^ = F P F^T + Q with F = [[1, 1], [0, kappa]], written out (no host-to-device copy)
+        (P00, P01, P10, P11), k = glob["P"].reshape(4).unbind(), self.kappa
+        p00 = P00 + P01 + P10 + P11 + q_x
+        p01 = k * (P01 + P11)
+        p10 = k * (P10 + P11)
+        p11 = k * k * P11 + self.qv
+        glob["P_prior"] = torch.stack([p00, p01, p10, p11]).reshape(2, 2)
+
+    # ----------------------------------------------------------------------------------------
+    def _loss_stats(self, losses: Tensor, dev) -> tuple[Tensor, Tensor]:
+        """Global mean and mean of squares of the per-sample losses (all-reduced under DDP)."""
+        l64 = losses.reshape(-1).to(_F64)
+        stats = torch.stack([l64.sum(), l64.square().sum(),
+                             torch.full((), float(l64.numel()), dtype=_F64, device=l64.device)])
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        stats = stats.to(dev)
+        return stats[0] / stats[2], stats[1] / stats[2]
+
+    def _reductions(self, groups, compiled: bool, dev, native=None):
+        """Per layer ||g||, ||x||^2 and <g, x> (float64 vectors over all layers with a grad);
+        ||x||^2 and <g, x> are 0 where the group has no weight decay (eager paths skip them)."""
+        if native is not None:
+            out = _native_kernels().reduce(native).to(dev)
+            if native.rows is not None:
+                out = out[native.rows]
+            return out[:, 0].clamp_min(0.0).sqrt(), out[:, 1], out[:, 2]
+        if compiled:
+            params = [p for _, ps in groups for p in ps]
+            out = torch.empty(len(params), 3, dtype=params[0].dtype, device=params[0].device)
+            if _COMPILED_REDUCE([([p.grad for p in params], params, out)]):
+                out = out.to(device=dev, dtype=_F64)
+                return out[:, 0].clamp_min(0.0).sqrt(), out[:, 1], out[:, 2]
+            self.compile = False
+        gn, wsq, dots = [], [], []
+        for group, params in groups:
+            grads = [p.grad for p in params]
+            n = len(params)
+            if group["weight_decay"] != 0.0:
+                norms = torch._foreach_norm(grads + params)
+                gn.append(torch.stack(norms[:n]).to(device=dev, dtype=_F64))
+                wsq.append(torch.stack(norms[n:]).to(device=dev, dtype=_F64).square())
+                dots.append(torch.stack([torch.dot(g.view(-1), p.view(-1))
+                                         if g.is_contiguous() and p.is_contiguous()
+                                         else (g * p).sum() for g, p in zip(grads, params)]
+                                        ).to(device=dev, dtype=_F64))
+            else:
+                gn.append(torch.stack(torch._foreach_norm(grads)).to(device=dev, dtype=_F64))
+                wsq.append(torch.zeros(n, dtype=_F64, device=dev))
+                dots.append(torch.zeros(n, dtype=_F64, device=dev))
+        return torch.cat(gn), torch.cat(wsq), torch.cat(dots)
+
+    def _update(self, losses: Tensor) -> None:
+        glob = self.state["koala"]
+        P_hat = glob["P_prior"]
+        dev = P_hat.device
+        momentum = self.variant == "m"
+        p00 = P_hat[0, 0] if momentum else P_hat
+        L, m2 = self._loss_stats(losses, dev)
+
+        # R (eq. 49 or the code's raw second moment); the target of the first group's lr.
+        R_old = glob["R"]
+        if self.r is not None:
+            R_new = R_old
+        else:
+            eps = float(self.param_groups[0]["lr"])
+            if self.r_mode == "code":
+                obs = m2
+            elif self.target == "relative":
+                obs = m2 - (1.0 - eps * eps) * L * L       # mean (l_i - (1 - eps) L)^2
+            else:
+                obs = m2 - L * L + eps * eps               # mean (l_i - (L - eps))^2
+            R_new = self.r_beta * R_old + (1.0 - self.r_beta) * obs.clamp_min(0.0)
+
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = [(g, ps) for g, ps in groups if ps]
+        if not groups:
+            glob["R"], glob["P"] = R_new, P_hat
+            self._finish_predict()
+            return
+        all_params = [p for _, ps in groups for p in ps]
+        native = self._native_plan(all_params)
+        if native is None:
+            self._finish_predict()              # the torch paths step from v^ = kappa v
+        compiled = native is None and self._wants_compile(all_params)
+
+        # Pass 1: per-layer reductions; per-layer lr and wd as vectors (no host syncs).
+        gn, wsq, dots = self._reductions(groups, compiled, dev, native)
+        lr = torch.cat([torch.full((len(ps),), float(g["lr"]), dtype=_F64, device=dev)
+                        for g, ps in groups])
+        wd = torch.cat([torch.full((len(ps),), float(g["weight_decay"]), dtype=_F64, device=dev)
+                        for g, ps in groups])
+        Gsq = (gn.square() + 2.0 * wd * dots + wd.square() * wsq).clamp_min(0.0)  # ||g + wd x||^2
+        ok = gn >= self.skip_threshold
+        if self.skip == "iteration":
+            all_ok = ok.all()
+            ok = ok & all_ok
+            R_new = torch.where(all_ok, R_new, R_old)
+        reg = 0.5 * wd * wsq                                # each layer's own L2 term (code)
+        if self.wd_mode == "objective":
+            reg = reg.sum()                                 # the objective's L2 term (all layers)
+
+        # Gains and h_l.
+        S = p00 * Gsq + R_new
+        gap = lr * (L + reg) if self.target == "relative" else lr   # L - L_target, form (b)/(a)
+        zero = torch.zeros_like(S)
+        a = torch.where(ok, p00 * gap / S, zero)                    # gain of x
+        b = torch.where(ok, P_hat[1, 0] * gap / S, zero) if momentum else None
+        h_max = torch.where(ok, Gsq / S, zero).max()
+        if momentum:
+            col = P_hat[:, 0]
+            glob["P"] = P_hat - h_max * torch.outer(col, col)    # P^ - P^ diag(h,0) P^^T
+        else:
+            glob["P"] = P_hat - P_hat * P_hat * h_max             # = R P^ / (P^ ||G||^2 + R)
+        glob["R"] = R_new
+
+        # Pass 2: x <- s x + c g, s = 1 - a wd, c = -a (KOALA-V code mode: s = 1);
+        # KOALA-M: v <- v - b g - b wd x, and gt <- lerp(gt, x, w) in q_mode="code".
+        wd_dir = wd if not (self.variant == "v" and self.wd_mode == "code") else zero
+        coefs = [1.0 - wd_dir * a, -a]
+        if momentum:
+            coefs += [-b, -wd_dir * b]
+            if self.q_mode == "code":
+                coefs.append(torch.where(ok, torch.full_like(S, 1.0 - self.avg_beta), zero))
+        dtype = all_params[0].dtype
+        if native is not None:
+            self._apply_native(native, coefs, dtype)
+            return
+        coefs = [c.to(dtype) for c in coefs]
+        if compiled:
+            cols = [list(c.unbind()) for c in coefs]
+            if self._apply_compiled(all_params, cols):
+                return
+        start = 0
+        for group, params in groups:
+            n = len(params)
+            cols = [list(c[start:start + n].to(params[0].dtype).unbind()) for c in coefs]
+            start += n
+            self._apply_eager(group, params, cols)
+
+    def _native_plan(self, all_params) -> Optional["_Layout"]:
+        """The C kernels' layout for this update with its gradients and weight-decay flags set,
+        or None (torch paths). After a native predict it is the predict's layout (all
+        parameters: those without a gradient only get v <- kappa v)."""
+        layout = self._pending
+        if layout is None:
+            layout = self._native_layout(all_params)
+            if layout is None or (self.variant == "m" and not all(
+                    self.state[p]["velocity"].is_contiguous()
+                    and self.state[p]["x_avg"].is_contiguous() for p in all_params)):
+                return None
+        dt = layout.dtype
+        grads = [p.grad for p in layout.params]
+        for g in grads:
+            if g is not None and not (g.dtype == dt and g.is_cpu and g.layout == torch.strided
+                                      and g.is_contiguous()):
+                return None
+        group_wd = [float(g["weight_decay"]) != 0.0 for g in self.param_groups]
+        layout.prepare(grads, group_wd, not (self.variant == "v" and self.wd_mode == "code"))
+        return layout
+
+    def _apply_native(self, layout: "_Layout", coefs: list, dtype) -> None:
+        momentum = self.variant == "m"
+        kappa = self.kappa if self._pending is not None else 1.0   # 1: v^ already decayed
+        lerp = momentum and self.q_mode == "code"
+        cols = torch.stack(coefs + [torch.zeros_like(coefs[0])] * (5 - len(coefs))).to(dtype)
+        if layout.rows is not None:                 # parameters without a gradient: zeros
+            full = cols.new_zeros(5, len(layout.params))
+            full[:, layout.rows] = cols
+            cols = full
+        params = layout.params
+        vs = [self.state[p]["velocity"] for p in params] if momentum else None
+        avgs = [self.state[p]["x_avg"] for p in params] if lerp else None
+        _native_kernels().apply(layout, params, vs, avgs, cols.contiguous(), kappa, momentum,
+                                lerp)
+        self._pending = None
+        torch.autograd.graph.increment_version(params)
+
+    def _state_lists(self, params, cols):
+        vs = [self.state[p]["velocity"] for p in params] if len(cols) > 2 else None
+        avgs = [self.state[p]["x_avg"] for p in params] if len(cols) > 4 else None
+        return vs, avgs
+
+    def _apply_compiled(self, params, cols) -> bool:
+        vs, avgs = self._state_lists(params, cols)
+        grads = [p.grad for p in params]
+        if vs is None:
+            ok = _COMPILED_APPLY_V([(params, grads, *cols)])
+        else:
+            ok = _COMPILED_APPLY_M([(params, grads, vs, avgs, *cols[:4],
+                                     cols[4] if avgs is not None else None)])
+        if not ok:
+            self.compile = False
+        return ok
+
+    def _apply_eager(self, group, params, cols) -> None:
+        vs, avgs = self._state_lists(params, cols)
+        grads = [p.grad for p in params]
+        shrink, neg_a = cols[0], cols[1]
+        use_wd = (group["weight_decay"] != 0.0
+                  and not (self.variant == "v" and self.wd_mode == "code"))
+        if self._foreach(group, params[0]):
+            if vs is not None:
+                torch._foreach_addcmul_(vs, grads, cols[2])
+                if use_wd:
+                    torch._foreach_addcmul_(vs, params, cols[3])
+            if use_wd:
+                torch._foreach_mul_(params, shrink)
+            torch._foreach_addcmul_(params, grads, neg_a)
+            if avgs is not None:
+                torch._foreach_lerp_(avgs, params, cols[4])
+            return
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if vs is not None:
+                vs[i].addcmul_(g, cols[2][i])
+                if use_wd:
+                    vs[i].addcmul_(p, cols[3][i])
+            if use_wd:
+                p.mul_(shrink[i])
+            p.addcmul_(g, neg_a[i])
+            if avgs is not None:
+                avgs[i].lerp_(p, cols[4][i])
+
+
+# ---------------------------------------------------------------------- C kernels (CPU)
+# One pass per kernel over all tensors at once: the tensors are cut into chunks of ``_CHUNK``
+# elements (a table of (tensor, offset, length)) and one OpenMP loop (static schedule) runs over
+# the chunks, so a step has three parallel regions, not three per tensor. Reductions are summed
+# per chunk in double (independent accumulators, so that the sum is bandwidth-bound) and then per
+# tensor in chunk order: the result does not depend on the thread count. Element-wise arithmetic
+# is the eager path's, operation by operation, in the parameters' dtype (``-ffp-contract=off``:
+# no fused multiply-adds the eager ops would not do). Compiled once per machine with the system C
+# compiler into ``$SSL_SUITE_CACHE`` (default ``~/.cache/ssl_suite``) and loaded with ctypes; the
+# .so links the libgomp torch has already loaded, so it shares torch's OpenMP threads (the scheme
+# of ``mbf.py``). Any failure (no compiler, a failed self-check) leaves the torch paths in charge
+# with a warning; ``SSL_SUITE_KOALA_NATIVE=0`` disables the kernels process-wide, ``native=False``
+# per optimizer.
+
+_CHUNK = 1 << 15
+
+_C_HEAD = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <math.h>
+#define ACC 16
+"""
+
+# $S: element type, $SUF: its suffix. x, v, a, g: per-tensor base pointers (g[t] may be NULL:
+# no gradient); ch: [nch][3] chunk table (tensor, offset, length).
+_C_API = r"""
+/* KOALA-M predict: d = x - a; sum d^2; paper: a <- a + w d; x <- x + v (v is NOT decayed:
+   the apply does v <- kappa v). code (paper == 0): sum (a - x)^2, a untouched. *out = the sum,
+   accumulated per chunk and then in chunk order. */
+void koala_predict_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* v,
+                        $S* const* a, double* part, double* out, double w, int paper,
+                        int nt) {
+    const $S ws = ($S)w;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t t = ch[3 * c], n = ch[3 * c + 2];
+        $S* restrict xp = x[t] + ch[3 * c + 1];
+        $S* restrict vp = v[t] + ch[3 * c + 1];
+        $S* restrict ap = a[t] + ch[3 * c + 1];
+        double acc[ACC] = {0};
+        int64_t i = 0;
+        if (paper) {
+            for (; i + ACC <= n; i += ACC)
+                for (int j = 0; j < ACC; j++) {
+                    const $S xi = xp[i + j], ai = ap[i + j], d = xi - ai;
+                    acc[j] += (double)d * (double)d;
+                    ap[i + j] = ai + ws * d;
+                    xp[i + j] = xi + vp[i + j];
+                }
+            for (; i < n; i++) {
+                const $S xi = xp[i], ai = ap[i], d = xi - ai;
+                acc[0] += (double)d * (double)d;
+                ap[i] = ai + ws * d;
+                xp[i] = xi + vp[i];
+            }
+        } else {
+            for (; i + ACC <= n; i += ACC)
+                for (int j = 0; j < ACC; j++) {
+                    const $S xi = xp[i + j], d = ap[i + j] - xi;
+                    acc[j] += (double)d * (double)d;
+                    xp[i + j] = xi + vp[i + j];
+                }
+            for (; i < n; i++) {
+                const $S xi = xp[i], d = ap[i] - xi;
+                acc[0] += (double)d * (double)d;
+                xp[i] = xi + vp[i];
+            }
+        }
+        double s = 0.0;
+        for (int j = 0; j < ACC; j++) s += acc[j];
+        part[c] = s;
+    }
+    double s = 0.0;
+    for (int64_t c = 0; c < nch; c++) s += part[c];
+    *out = s;
+}
+
+/* Per tensor t: out[3t] = sum g^2, and where wd[t]: out[3t+1] = sum x^2, out[3t+2] = sum g x
+   (0 elsewhere, and all 0 where g[t] is NULL). part: [nch][3] scratch. A chunk is read as NS
+   interleaved sub-streams: a single read stream per thread leaves memory bandwidth unused. */
+#define NS 4
+void koala_reduce_$SUF(int64_t nch, const int64_t* ch, $S* const* g, $S* const* x,
+                       const uint8_t* wd, double* part, double* out, int64_t ntensor,
+                       int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t t = ch[3 * c], n = ch[3 * c + 2];
+        const int64_t q = n / NS / ACC * ACC;          /* sub-stream length */
+        double gg[NS][ACC] = {{0}}, xx[ACC] = {0}, gx[ACC] = {0};
+        if (g[t] != NULL) {
+            const $S* restrict gp = g[t] + ch[3 * c + 1];
+            if (wd[t]) {
+                const $S* restrict xp = x[t] + ch[3 * c + 1];
+                int64_t i = 0;
+                for (; i + ACC <= n; i += ACC)
+                    for (int j = 0; j < ACC; j++) {
+                        const double gi = gp[i + j], xi = xp[i + j];
+                        gg[0][j] += gi * gi; xx[j] += xi * xi; gx[j] += gi * xi;
+                    }
+                for (; i < n; i++) {
+                    const double gi = gp[i], xi = xp[i];
+                    gg[0][0] += gi * gi; xx[0] += xi * xi; gx[0] += gi * xi;
+                }
+            } else {
+                for (int64_t i = 0; i < q; i += ACC)
+                    for (int s = 0; s < NS; s++)
+                        for (int j = 0; j < ACC; j++) {
+                            const double gi = gp[s * q + i + j];
+                            gg[s][j] += gi * gi;
+                        }
+                for (int64_t i = NS * q; i < n; i++) {
+                    const double gi = gp[i];
+                    gg[0][0] += gi * gi;
+                }
+            }
+        }
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+        for (int j = 0; j < ACC; j++) {
+            for (int s = 0; s < NS; s++) s0 += gg[s][j];
+            s1 += xx[j]; s2 += gx[j];
+        }
+        part[3 * c] = s0; part[3 * c + 1] = s1; part[3 * c + 2] = s2;
+    }
+    for (int64_t k = 0; k < 3 * ntensor; k++) out[k] = 0.0;
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t t = ch[3 * c];
+        out[3 * t] += part[3 * c]; out[3 * t + 1] += part[3 * c + 1];
+        out[3 * t + 2] += part[3 * c + 2];
+    }
+}
+#undef NS
+
+/* The update, per tensor t with coefficients coef[k * ntensor + t] (k: 0 shrink, 1 -a,
+   2 -b, 3 -b wd, 4 lerp weight of a), in the eager path's order of operations:
+     momentum: v <- kappa v; v <- v + (-b) g; [wd] v <- v + (-b wd) x
+     x: [wd] x <- shrink x; x <- x + (-a) g
+     lerp (code q_mode): a <- lerp(a, x, w) (torch's formula)
+   A tensor with g[t] NULL only gets v <- kappa v. */
+void koala_apply_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g,
+                      $S* const* v, $S* const* a, const $S* coef, const uint8_t* wd,
+                      int64_t ntensor, double kappa, int momentum, int lerp, int nt) {
+    const $S k = ($S)kappa;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1], n = ch[3 * c + 2];
+        $S* restrict xp = x[t] + off;
+        $S* restrict vp = momentum ? v[t] + off : NULL;
+        if (g[t] == NULL) {
+            if (momentum)
+                for (int64_t i = 0; i < n; i++) vp[i] = vp[i] * k;
+            continue;
+        }
+        const $S* restrict gp = g[t] + off;
+        const $S s = coef[t], na = coef[ntensor + t];
+        if (!momentum) {
+            if (wd[t]) {
+                for (int64_t i = 0; i < n; i++) xp[i] = xp[i] * s + na * gp[i];
+            } else {
+                for (int64_t i = 0; i < n; i++) xp[i] = xp[i] + na * gp[i];
+            }
+            continue;
+        }
+        const $S nb = coef[2 * ntensor + t], nbw = coef[3 * ntensor + t];
+        if (wd[t]) {
+            for (int64_t i = 0; i < n; i++) {
+                const $S xi = xp[i], gi = gp[i];
+                $S vi = vp[i] * k;
+                vi = vi + nb * gi;
+                vp[i] = vi + nbw * xi;
+                const $S xs = xi * s;
+                xp[i] = xs + na * gi;
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                const $S gi = gp[i];
+                $S vi = vp[i] * k;
+                vp[i] = vi + nb * gi;
+                xp[i] = xp[i] + na * gi;
+            }
+        }
+        if (lerp) {                 /* torch.lerp's vectorized form: fma(c, x - a, base) */
+            const $S w = coef[4 * ntensor + t];
+            const int small = w < ($S)0.5 && w > ($S)-0.5;
+            const $S cf = small ? w : w - ($S)1;
+            $S* restrict ap = a[t] + off;
+            if (small) {
+                for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], ap[i]);
+            } else {
+                for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], xp[i]);
+            }
+        }
+    }
+}
+"""
+
+
+def _c_source() -> str:
+    parts = [_C_HEAD]
+    for s, suf, fma in (("float", "f32", "fmaf"), ("double", "f64", "fma")):
+        parts.append(_C_API.replace("$SUF", suf).replace("$S", s).replace("$FMA", fma))
+    return "\n".join(parts)
+
+
+def _ptrs(tensors) -> Tensor:
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+class _Layout:
+    """A list of same-dtype contiguous CPU tensors cut into chunks for the C kernels, and the
+    per-tensor data of the current update (gradients, weight-decay flags, the rows of the
+    layers with a gradient)."""
+
+    def __init__(self, params: list, groups: list):
+        self.params, self.groups = list(params), groups        # groups: param group indices
+        self.dtype = params[0].dtype
+        self.numels = [p.numel() for p in self.params]
+        rows = [(t, s, min(_CHUNK, n - s)) for t, n in enumerate(self.numels)
+                for s in range(0, n, _CHUNK)]
+        self.chunks = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        self.nch = len(rows)
+        self.part = torch.empty(3 * max(self.nch, 1), dtype=_F64)
+        self.grads: Optional[list] = None
+        self.pg = self.px = None                                 # this update's pointers
+        self._flags: tuple = (None, None, None, None)           # key, wd_red, wd_app, rows
+        self.wd_red = self.wd_app = self.rows = None
+
+    def matches(self, params: list) -> bool:
+        """Still the tensors it was made for (``p.data`` may have been replaced)."""
+        dt = self.dtype
+        return all(p.dtype == dt and p.numel() == n and p.is_cpu and p.is_contiguous()
+                   for p, n in zip(params, self.numels))
+
+    def prepare(self, grads: list, group_wd: list, apply_wd: bool) -> None:
+        """This update's gradients (None: no gradient), from which follow the weight-decay
+        flags of the reductions and of the step (per param group) and ``rows``: where the
+        update's layers (the tensors with a gradient, in order) sit (None: all of them)."""
+        self.grads, self.pg, self.px = grads, _ptrs(grads), _ptrs(self.params)
+        key = (tuple(g is not None for g in grads), tuple(group_wd), apply_wd)
+        if key != self._flags[0]:
+            has = key[0]
+            red = [h and group_wd[i] for h, i in zip(has, self.groups)]
+            rows = None if all(has) else torch.tensor([t for t, h in enumerate(has) if h],
+                                                     dtype=torch.int64)
+            self._flags = (key, torch.tensor(red, dtype=torch.uint8),
+                           torch.tensor([r and apply_wd for r in red], dtype=torch.uint8), rows)
+        _, self.wd_red, self.wd_app, self.rows = self._flags
+
+
+class _Kernels:
+    """ctypes bindings of the compiled kernels (float32 and float64 CPU tensors)."""
+
+    def __init__(self, path: str):
+        import ctypes
+        lib = ctypes.CDLL(path)
+        vp, i64, f64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+        self._fn = {}
+        for dtype, suf in ((torch.float32, "f32"), (torch.float64, "f64")):
+            fns = tuple(getattr(lib, f"koala_{k}_{suf}") for k in ("predict", "reduce", "apply"))
+            fns[0].argtypes = [i64, vp, vp, vp, vp, vp, vp, f64, ci, ci]
+            fns[1].argtypes = [i64, vp, vp, vp, vp, vp, vp, i64, ci]
+            fns[2].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, ci, ci, ci]
+            for fn in fns:
+                fn.restype = None
+            self._fn[dtype] = fns
+        self.lib, self.path = lib, path
+
+    def predict(self, layout: _Layout, xs: list, vs: list, avgs: list, w: float,
+                paper: bool) -> Tensor:
+        """x <- x + v and (paper) x_avg <- x_avg + w (x - x_avg), in place; returns
+        sum ||x - x_avg||^2 over all tensors (float64, before the moves)."""
+        out = torch.zeros((), dtype=_F64)
+        px, pv, pa = _ptrs(xs), _ptrs(vs), _ptrs(avgs)
+        self._fn[xs[0].dtype][0](layout.nch, layout.chunks.data_ptr(), px.data_ptr(),
+                                 pv.data_ptr(), pa.data_ptr(), layout.part.data_ptr(),
+                                 out.data_ptr(), w, int(paper), torch.get_num_threads())
+        return out
+
+    def reduce(self, layout: _Layout) -> Tensor:
+        """[n, 3] float64: per tensor sum g^2, and where flagged sum x^2 and sum g x."""
+        out = torch.empty(len(layout.params), 3, dtype=_F64)
+        self._fn[layout.dtype][1](
+            layout.nch, layout.chunks.data_ptr(), layout.pg.data_ptr(), layout.px.data_ptr(),
+            layout.wd_red.data_ptr(), layout.part.data_ptr(), out.data_ptr(),
+            len(layout.params), torch.get_num_threads())
+        return out
+
+    def apply(self, layout: _Layout, xs: list, vs: Optional[list], avgs: Optional[list],
+              coefs: Tensor, kappa: float, momentum: bool, lerp: bool) -> None:
+        """The update with the [5, n] coefficients (see the C source), in place."""
+        pg, px = layout.pg, layout.px if xs is layout.params else _ptrs(xs)
+        pv = _ptrs(vs) if vs is not None else None
+        pa = _ptrs(avgs) if avgs is not None else None
+        self._fn[xs[0].dtype][2](
+            layout.nch, layout.chunks.data_ptr(), px.data_ptr(), pg.data_ptr(),
+            None if pv is None else pv.data_ptr(), None if pa is None else pa.data_ptr(),
+            coefs.data_ptr(), layout.wd_app.data_ptr(), len(xs), kappa, int(momentum),
+            int(lerp), torch.get_num_threads())
+        layout.grads = layout.pg = layout.px = None
+
+
+_NATIVE: dict = {}               # "kernels": _Kernels | None once tried, "error": why not
+_NATIVE_LOCK = threading.Lock()
+
+
+def _build() -> str:
+    """Compile the kernels (or find them compiled) and return the path of the shared object."""
+    return _native.build("koala", _c_source(), ["-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"])
+
+
+def _self_check(k: _Kernels) -> None:
+    """The kernels against torch on a few tensors, one of several chunks (a miscompiled
+    kernel must not reach an optimizer)."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13,
+                                                                              atol=1e-13)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        shapes = [(3, 5), (2 * _CHUNK + 37,), (1,), (40,)]
+        xs, vs, avgs, gs = ([rnd(*s) for s in shapes] for _ in range(4))
+        gs[3] = None                                       # a tensor without a gradient
+        layout = _Layout(xs, [0, 1, 0, 0])                 # tensor 1: no weight decay
+        x0, v0, a0 = ([t.clone() for t in ts] for ts in (xs, vs, avgs))
+        for paper in (True, False):
+            xs_, as_ = [t.clone() for t in x0], [t.clone() for t in a0]
+            s = k.predict(layout, xs_, vs, as_, 0.1, paper).item()
+            ref = sum(((x - a).double() ** 2).sum().item() for x, a in zip(x0, a0))
+            ok = abs(s - ref) <= 1e-12 * ref and all(
+                torch.allclose(x, x_ + v, **tol) for x, x_, v in zip(xs_, x0, vs))
+            ok = ok and all(torch.allclose(a, (a_ + 0.1 * (x_ - a_)) if paper else a_, **tol)
+                            for a, a_, x_ in zip(as_, a0, x0))
+            if not ok:
+                raise RuntimeError(f"self-check failed (predict, {dtype})")
+        layout.prepare(gs, [True, False], True)
+        out = k.reduce(layout)
+        for t, (x, g) in enumerate(zip(x0, gs)):
+            ref = [0.0, 0.0, 0.0] if g is None else [
+                (g.double() ** 2).sum().item(),
+                (x.double() ** 2).sum().item() if t != 1 else 0.0,
+                (g.double() * x.double()).sum().item() if t != 1 else 0.0]
+            if not torch.allclose(out[t], torch.tensor(ref, dtype=_F64), rtol=1e-12,
+                                  atol=1e-12):
+                raise RuntimeError(f"self-check failed (reduce, {dtype})")
+        coefs = rnd(5, len(xs)) * 0.1
+        coefs[0] += 1.0
+        coefs[4, 2] = 0.7                                  # the other branch of lerp
+        for momentum, lerp in ((True, True), (False, False)):
+            layout.prepare(gs, [True, False], True)
+            xs_, vs_, as_ = ([t.clone() for t in ts] for ts in (x0, v0, a0))
+            k.apply(layout, xs_, vs_ if momentum else None, as_ if lerp else None, coefs,
+                    0.9, momentum, lerp)
+            for t in range(len(xs)):
+                x, v, a, g = x0[t], v0[t], a0[t], gs[t]
+                s_, na, nb, nbw, w = coefs[:, t]
+                if g is None:
+                    ref_x, ref_v, ref_a = x, v * 0.9, a
+                else:
+                    ref_v = v * 0.9 + nb * g + (nbw * x if t != 1 else 0.0)
+                    ref_x = (x * s_ if t != 1 else x) + na * g
+                    ref_a = torch.lerp(a, ref_x, w) if lerp else a
+                ok = torch.allclose(xs_[t], ref_x, **tol)
+                ok = ok and (not momentum or torch.allclose(vs_[t], ref_v, **tol))
+                ok = ok and torch.allclose(as_[t], ref_a, **tol)
+                if not ok:
+                    raise RuntimeError(f"self-check failed (apply, {dtype})")
+
+
+def _native_kernels() -> Optional[_Kernels]:
+    """The compiled kernels, built on first use; None where they cannot be had."""
+    def make() -> _Kernels:
+        kernels = _Kernels(_build())
+        _self_check(kernels)
+        return kernels
+    return _native.load_once(_NATIVE, _NATIVE_LOCK, "SSL_SUITE_KOALA_NATIVE", make)
+
+
+def _warn_native_once() -> None:
+    if _NATIVE.pop("warn", False):
+        warnings.warn(f"KOALA: C kernels unavailable ({_NATIVE.get('error')}); using torch "
+                      "kernels", RuntimeWarning, stacklevel=4)
+
+
+# Loops for torch.compile (one fused kernel per tensor per pass); ``work`` holds one tuple.
+def _predict_loop(work) -> None:
+    for params, vels, avgs, out, avg_w, kappa in work:
+        for i, (p, v, a) in enumerate(zip(params, vels, avgs)):
+            d = p - a
+            out[i] = (d * d).sum()
+            if avg_w != 0.0:
+                a.copy_(a + avg_w * d)
+            p.copy_(p + v)
+            v.copy_(v * kappa)
+
+
+def _reduce_loop(work) -> None:
+    for grads, params, out in work:
+        for i, (g, p) in enumerate(zip(grads, params)):
+            out[i] = torch.stack([(g * g).sum(), (p * p).sum(), (g * p).sum()])
+
+
+def _apply_v_loop(work) -> None:
+    for params, grads, shrink, neg_a in work:
+        for p, g, s, c in zip(params, grads, shrink, neg_a):
+            p.copy_(p * s + g * c)
+
+
+def _apply_m_loop(work) -> None:
+    for params, grads, vels, avgs, shrink, neg_a, neg_b, neg_bwd, avg_w in work:
+        for i, (p, g, v) in enumerate(zip(params, grads, vels)):
+            v.copy_(v + g * neg_b[i] + p * neg_bwd[i])
+            p_new = p * shrink[i] + g * neg_a[i]
+            p.copy_(p_new)
+            if avgs is not None:
+                avgs[i].copy_(torch.lerp(avgs[i], p_new, avg_w[i]))
+
+
+_COMPILED_PREDICT = CompiledLoop(_predict_loop, "KOALA")
+_COMPILED_REDUCE = CompiledLoop(_reduce_loop, "KOALA")
+_COMPILED_APPLY_V = CompiledLoop(_apply_v_loop, "KOALA")
+_COMPILED_APPLY_M = CompiledLoop(_apply_m_loop, "KOALA")
+
+
+class KOALAV(KOALA):
+    """KOALA-V (vanilla): scalar P, constant Q = q. See :mod:`ssl_suite.optim.koala`."""
+
+    def __init__(self, params, lr: float = 1.0, weight_decay: float = 0.0, sigma: float = 0.1,
+                 q: float = 1.0, r: Optional[float] = None, r_beta: float = 0.9,
+                 r_init: float = 1.0, r_mode: str = "paper", target: str = "relative",
+                 wd_mode: str = "objective", skip: str = "layer", skip_threshold: float = 1e-9,
+                 foreach: Optional[bool] = None, compile: Optional[bool] = None,
+                 native: Optional[bool] = None):
+        super().__init__(params, lr=lr, variant="v", weight_decay=weight_decay, sigma=sigma, q=q,
+                         r=r, r_beta=r_beta, r_init=r_init, r_mode=r_mode, target=target,
+                         wd_mode=wd_mode, skip=skip, skip_threshold=skip_threshold,
+                         foreach=foreach, compile=compile, native=native)
+
+
+class KOALAM(KOALA):
+    """KOALA-M (momentum): 2x2 P over (x, v), predict before the closure. See
+    :mod:`ssl_suite.optim.koala`."""
+
+    def __init__(self, params, lr: float = 1.0, weight_decay: float = 0.0, sw: float = 0.1,
+                 sc: float = 0.0, sv: float = 0.1, kappa: float = 0.9, qw: float = 1e-2,
+                 qv: float = 1e-2, q_mode: str = "paper", avg_beta: float = 0.9,
+                 q_beta: float = 0.9, r: Optional[float] = None, r_beta: float = 0.9,
+                 r_init: float = 1.0, r_mode: str = "paper", target: str = "relative",
+                 wd_mode: str = "objective", skip: str = "layer", skip_threshold: float = 1e-9,
+                 foreach: Optional[bool] = None, compile: Optional[bool] = None,
+                 native: Optional[bool] = None):
+        super().__init__(params, lr=lr, variant="m", weight_decay=weight_decay, sw=sw, sc=sc,
+                         sv=sv, kappa=kappa, qw=qw, qv=qv, q_mode=q_mode, avg_beta=avg_beta,
+                         q_beta=q_beta, r=r, r_beta=r_beta, r_init=r_init, r_mode=r_mode,
+                         target=target, wd_mode=wd_mode, skip=skip,
+                         skip_threshold=skip_threshold, foreach=foreach, compile=compile,
+                         native=native)
