@@ -4,7 +4,7 @@ Every YAML key maps to a typed dataclass field. Loading a file plus ``key=value`
 either returns a fully validated :class:`Config` or raises :class:`ConfigError` with one line
 that names the offending key and what is allowed, e.g.::
 
-    config error: train.precision: 'fp8' is not one of 'no', 'bf16', 'fp16'
+    config error: train.precision: 'fp8' is not one of 'no', 'bf16', 'fp16', 'auto'
 
 Ranges live in the field metadata (``min``, ``max``, ``min_exclusive``, ``max_exclusive``) so
 that the check and the documentation are the same data.
@@ -206,7 +206,9 @@ class TrainConfig:
     max_steps: Optional[int] = _f(None, min=1, help="stop after this many optimizer steps")
     batch_size: int = _f(256, min=1, help="global batch per optimizer step, all processes")
     grad_accum_steps: int = _f(1, min=1)
-    precision: Literal["no", "bf16", "fp16"] = _f("no")
+    precision: Literal["no", "bf16", "fp16", "auto"] = _f(
+        "no", help="auto: bf16 where the device computes it natively (CUDA with bf16; a CPU "
+                   "with AMX or AVX512-BF16), else no")
     sync_bn: bool = _f(True, help="SyncBatchNorm when more than one process")
     grad_checkpointing: bool = _f(False, help="timm set_grad_checkpointing on the backbone")
     channels_last: bool = _f(False)
@@ -300,7 +302,9 @@ class EvalConfig:
 
     seed: int = _f(0, min=0)
     data: DataConfig = _sub(DataConfig)
-    precision: Literal["no", "bf16", "fp16"] = _f("no")
+    precision: Literal["no", "bf16", "fp16", "auto"] = _f(
+        "no", help="auto: bf16 where the device computes it natively (CUDA with bf16; a CPU "
+                   "with AMX or AVX512-BF16), else no")
     eval_batch_size: int = _f(256, min=1)
     progress: bool = _f(True)
     linear: LinearEvalConfig = _sub(LinearEvalConfig)

@@ -240,3 +240,15 @@ def test_fresh_batch_optimizers_get_a_new_batch_on_every_closure_call(tmp_path, 
             assert all(not torch.equal(first, r) for r in rest) and not torch.equal(rest[0], rest[1])
         else:
             assert all(torch.equal(first, r) for r in rest)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch, caplog):
+    monkeypatch.setattr(pretrain_mod, "native_bf16", lambda: True)
+    assert pretrain_mod.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(pretrain_mod, "native_bf16", lambda: False)
+    assert pretrain_mod.resolve_precision("auto") == "no"
+    assert pretrain_mod.resolve_precision("no") == "no"
+    if not torch.cuda.is_available():
+        with caplog.at_level("WARNING", logger="ssl_suite"):
+            assert pretrain_mod.resolve_precision("bf16") == "bf16"
+        assert "emulated" in caplog.text

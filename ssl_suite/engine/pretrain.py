@@ -60,6 +60,28 @@ class PretrainResult:
     target: Any = None   # the target network
 
 
+def native_bf16() -> bool:
+    """Whether bf16 runs natively here: a CUDA device with bf16, or a CPU with AMX tiles or
+    AVX512-BF16 (elsewhere torch emulates bf16 matrix products, which can be 100x slower than
+    float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(c() for c in checks if c is not None)
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``no``; an explicit ``bf16`` on a CPU
+    without bf16 units is kept but warned about."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "no"
+    if precision == "bf16" and not torch.cuda.is_available() and not native_bf16():
+        log.warning("train.precision=bf16: this CPU has no AMX or AVX512-BF16, so bf16 is emulated "
+                    "and much slower than float32; train.precision=auto picks float32 here")
+    return precision
+
+
 def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None,
                      project_dir: Optional[Path] = None, comm_hook: str = "none") -> Accelerator:
     """An Accelerator for this process; under torchrun without CUDA it joins a gloo group.
@@ -67,6 +89,7 @@ def make_accelerator(precision: str = "no", trackers: Optional[list[str]] = None
     Accelerate only forms a multi-process CPU group when asked with ``cpu=True``; ``accelerate
     launch --cpu`` asks through the environment, a plain ``torchrun`` does not.
     """
+    precision = resolve_precision(precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on a CPU")
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
