@@ -297,7 +297,7 @@ def test_fold_refuses_stacked_parametrizations():
 
 def test_target_network_needs_the_same_parametrization(tmp_path):
     from ssl_suite.models.byol import build_byol, ema_update_
-    from tests.helpers import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config(tmp_path, **{"model.target_init": "copy"})
     online, target = build_byol(cfg.model)
