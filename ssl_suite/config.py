@@ -232,6 +232,95 @@ class TrainConfig:
 
 
 @dataclass
+class GradInitConfig:
+    """GradInit (Zhu et al., NeurIPS 2021): one learned multiplier per parameter tensor so that
+    one step of the simulated optimizer gives the lowest loss on a second batch, under the
+    gradient-norm constraint ||g||_{p_A} <= gamma and the lower bound min_scale (Eq. 1, Alg. 1);
+    run once before training, the multipliers folded into the weights."""
+
+    enabled: bool = _f(False, help="run GradInit before the first step (not on --resume)")
+    steps: int = _f(390, min=1, help="T: GradInit iterations (the paper's CIFAR runs: 390, one "
+                                     "epoch at batch 128); each draws two batches")
+    batch_size: Optional[int] = _f(None, min=2, help="images per GradInit batch; null: the "
+                                                     "run's micro-batch (the paper: 128)")
+    optimizer: Literal["auto", "sgd", "adam"] = _f(
+        "auto", help="the optimizer A whose first step is simulated; auto: adam for Adam-family "
+                     "run optimizers, else sgd")
+    lr: Optional[float] = _f(None, min_exclusive=0.0,
+                             help="eta of the simulated step; null: the run's scaled LR")
+    gamma: float = _f(1.0, min_exclusive=0.0, help="bound on the gradient norm (paper: 1)")
+    min_scale: float = _f(0.01, min=0.0, help="alpha: lower bound on weight multipliers")
+    scale_lr: float = _f(1e-2, min_exclusive=0.0, help="tau: Adam LR on the multipliers")
+    grad_clip: Optional[float] = _f(1.0, min_exclusive=0.0,
+                                    help="clip each multiplier gradient to [-c, c] (code: 1)")
+    normalize_grad: bool = _f(False, help="the CIFAR scripts' A[g] = g/||g|| (code option)")
+    second_order: bool = _f(True, help="differentiate through g (paper); false: the code's "
+                                       "detached step")
+
+
+@dataclass
+class InitConfig:
+    """Initialization phases that run before training."""
+
+    gradinit: GradInitConfig = _sub(GradInitConfig)
+
+
+@dataclass
+class GrowthConfig:
+    """GradMax (Evci et al., ICLR 2022): grow the hidden width of layer pairs during training
+    without changing the network's function (new incoming weights zero, new outgoing weights the
+    top-k left singular vectors of the gradient matrix, Eq. 8-9)."""
+
+    enabled: bool = _f(False, help="grow the listed pairs on the schedule below")
+    method: Literal["gradmax", "random"] = _f(
+        "gradmax", help="new outgoing weights: gradmax (SVD) or random (the paper's baseline)")
+    pairs: list[str] = _f(["blocks"], help="'blocks': conv1 -> bn1 -> conv2 of every residual "
+                                           "block of the encoder; 'projector' / 'predictor': "
+                                           "their hidden layer; or 'in,out' / 'in,norm,out' "
+                                           "module names (e.g. encoder.layer1.0.conv1,...)")
+    start_fraction: float = _f(0.25, min_exclusive=0.0, max=1.0,
+                               help="pretraining starts each pair at this fraction of its width "
+                                    "and grows it back to full width (the paper: 0.25)")
+    n_growths: int = _f(12, min=1, help="growth events, equal steps to full width (paper: 12)")
+    start_epoch: float = _f(1.0, min=0.0, help="first growth (after this many epochs)")
+    every_epochs: float = _f(1.0, min_exclusive=0.0, help="epochs between growth events")
+    scale: float = _f(0.5, min_exclusive=0.0, help="new outgoing vector norm (paper code: 0.5)")
+    scale_method: Literal["mean_norm", "fixed"] = _f(
+        "mean_norm", help="mean_norm: scale x mean norm of the existing outgoing vectors")
+    relu1: bool = _f(True, help="ReLU -> ReLU1 (derivative 1 at 0, same function) so the new "
+                                "zero-incoming units get a gradient (the code's relu1)")
+    batch_size: Optional[int] = _f(None, min=1, help="images of the growth batch (paper: 128); "
+                                                      "null: the run's micro-batch")
+    exp_avg_sq_fill: Literal["mean", "zero"] = _f(
+        "mean", help="Adam-type second moments of new entries: mean of the old (default) or "
+                     "zero (the paper code)")
+
+
+@dataclass
+class SparsityConfig:
+    """SCL (Tang et al., TNNLS 2023; the regulariser and normalisation are a reconstruction):
+    weights w = w_hat * step(m_hat) with trainable mask variables, the identity STE, per-feature
+    normalised mask gradients and the connection-count regulariser lambda * R."""
+
+    enabled: bool = _f(False, help="mask every conv/linear weight of the chosen modules")
+    modules: list[str] = _f(["encoder"], help="which parts are masked (encoder, projector, "
+                                              "predictor; finetune: encoder, head)")
+    layers: list[str] = _f(["conv", "linear"], help="layer kinds to mask")
+    exclude: list[str] = _f([], help="module names / fnmatch patterns kept dense (e.g. "
+                                     "encoder.conv1)")
+    weight: float = _f(0.1, min=0.0, help="lambda of the connection-count regulariser: the "
+                                          "pull on every mask variable, against a task "
+                                          "gradient normalised to RMS 1 per feature")
+    normalize: bool = _f(False, help="R / N_total (lambda then needs to be about N_total "
+                                     "times larger)")
+    init: float = _f(1.0, min_exclusive=0.0, help="initial mask variable (> 0: dense start)")
+    norm: Literal["rms", "l2", "maxabs", "none"] = _f(
+        "rms", help="per-feature normalisation of the mask gradient")
+    mask_lr: float = _f(0.01, min_exclusive=0.0, help="LR of the mask variables (own group, no "
+                                                       "weight decay, follows the schedule)")
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
@@ -244,6 +333,9 @@ class Config:
     optim: OptimConfig = _sub(OptimConfig)
     schedule: ScheduleConfig = _sub(ScheduleConfig)
     train: TrainConfig = _sub(TrainConfig)
+    init: InitConfig = _sub(InitConfig)
+    growth: GrowthConfig = _sub(GrowthConfig)
+    sparsity: SparsityConfig = _sub(SparsityConfig)
 
 
 @dataclass
@@ -286,6 +378,9 @@ class FinetuneConfig:
     optimizer: str = _f("sgd", help="sgd: the paper's SGD (Nesterov); or any name of "
                                     "`ssl-suite optimizers` (nsgd, koalam, mbf, svi, ...)")
     optimizer_kwargs: dict[str, Any] = _f({}, help="extra constructor kwargs of optimizer")
+    init: InitConfig = _sub(InitConfig)
+    growth: GrowthConfig = _sub(GrowthConfig)
+    sparsity: SparsityConfig = _sub(SparsityConfig)
 
 
 @dataclass

@@ -170,6 +170,13 @@ def _build(timm_name: str, kwargs: dict[str, Any], what: str, err: type[Exceptio
         raise err(f"{what}: cannot build timm model {timm_name!r} with {kwargs}: {first}") from None
 
 
+def _global_sparsity(tensors: dict[str, torch.Tensor], layers: dict[str, float]) -> float:
+    """Fraction of zero weights over the SCL-masked layers of the exported encoder."""
+    weights = [tensors[f"{n}.weight"] for n in layers if f"{n}.weight" in tensors]
+    total = sum(w.numel() for w in weights)
+    return float(sum((w == 0).sum().item() for w in weights) / max(total, 1))
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -203,12 +210,23 @@ def export_encoder(run_dir: str | Path, out: str | Path, network: str = "online"
     timm_name = timm_name_for(mc.backbone, mc.cifar_stem)
     kwargs = dict(mc.backbone_kwargs)
     state, ckpt_dir = encoder_state(run_dir, network)
-    if mc.weight_norm or mc.mean_only_bn:   # folded into plain conv/linear/BatchNorm layers
+    sparsity = None
+    if mc.weight_norm or mc.mean_only_bn or cfg.sparsity.enabled or cfg.growth.enabled:
+        # folded into plain conv/linear/BatchNorm layers (SCL: the masked dense weights)
         from .engine.runs import load_encoder
-        state = load_encoder(run_dir, network=network)[0].state_dict()
+        encoder = load_encoder(run_dir, network=network)[0]
+        state = encoder.state_dict()
+        sparsity = getattr(encoder, "scl_sparsity", None)
 
     model = _build(timm_name, kwargs, "export", ExportError)
     expected = model.state_dict()
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if wrong:
+        why = (" (a GradMax run exports once its last growth has happened)"
+               if cfg.growth.enabled else "")
+        raise ExportError(f"export: {wrong[0]} has shape {tuple(state[wrong[0]].shape)} in "
+                          f"{ckpt_dir}, timm's {timm_name} has {tuple(expected[wrong[0]].shape)}"
+                          f"{why}")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -256,6 +274,8 @@ def export_encoder(run_dir: str | Path, out: str | Path, network: str = "online"
             "step": step,
         },
         "input": {"image_size": cfg.augment.image_size, "mean": mean, "std": std},
+        "sparsity": None if sparsity is None else {
+            "global": _global_sparsity(tensors, sparsity), "layers": sparsity},
         "config": to_dict(cfg),
         "git_commit": commit,
         "git_dirty": dirty,

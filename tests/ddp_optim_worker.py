@@ -12,11 +12,19 @@ from ssl_suite.models import build_byol
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_config  # noqa: E402
 
+# names that are phases, not optimizers: GradMax growth after step 1 (DDP re-wrapped), SCL masks,
+# GradInit before the first step (multipliers averaged over the ranks)
+PHASES = {"gradmax": {"growth.enabled": "true", "growth.start_epoch": 1 / 44,
+                      "growth.n_growths": 1, "growth.start_fraction": 0.5},
+          "scl": {"sparsity.enabled": "true", "sparsity.weight": 0.5, "sparsity.mask_lr": 0.5},
+          "gradinit": {"init.gradinit.enabled": "true", "init.gradinit.steps": 2}}
+
 out = Path(sys.argv[1])
 acc = pretrain_mod.make_accelerator()
 for name in sys.argv[2:]:
+    extra = PHASES.get(name, {"optim.name": name})
     cfg = tiny_config(out / name, **{"train.max_steps": 2, "train.grad_accum_steps": 2,
-                                     "optim.name": name, "optim.base_lr": 0.05})
+                                     "optim.base_lr": 0.05, **extra})
     if acc.is_main_process and name == sys.argv[2]:
         pretrain_mod._seed_all(cfg.seed)           # the same initial weights pretrain builds
         init = build_byol(cfg.model)[0]

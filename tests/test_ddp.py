@@ -46,11 +46,13 @@ def test_two_process_run_splits_batch_and_agrees(tmp_path):
         assert sorted(local[0] + local[1]) == sorted(rec[0]["global"])
 
 
-def test_two_process_runs_with_hooked_and_closure_optimizers(tmp_path):
+@pytest.mark.parametrize("names", [["nsgd", "koalam", "mbf", "svi_momentum"],
+                                   ["gradmax", "scl", "gradinit"]])
+def test_two_process_runs_with_hooked_and_closure_optimizers(tmp_path, names):
     """NSGD's input hooks, KOALA's per-sample losses (all-reduced), MBF's per-sample statistics
-    and SVI's replaced backward under DDP: both ranks end with the same weights, and the weights
-    moved."""
-    names = ["nsgd", "koalam", "mbf", "svi_momentum"]
+    and SVI's replaced backward under DDP; and the phases: GradMax growth (M averaged over the
+    ranks, DDP re-wrapped), SCL masks, GradInit: both ranks end with the same weights, and the
+    weights moved."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2",
@@ -63,6 +65,8 @@ def test_two_process_runs_with_hooked_and_closure_optimizers(tmp_path):
         assert torch.isfinite(w0["loss"]), name
         for k in w0:
             assert torch.equal(w0[k], w1[k]), (name, k)
-        moved = [k for k in init if k.endswith("weight") and w0[k].dtype.is_floating_point
-                 and not torch.equal(init[k], w0[k])]
+        moved = [k for k in init if k.endswith("weight") and k in w0
+                 and w0[k].dtype.is_floating_point and not torch.equal(init[k], w0[k])]
         assert len(moved) >= 3, (name, moved)
+        if name == "gradmax":   # started at half width, grown back after step 1 on both ranks
+            assert w0["online.encoder.layer1.0.conv1.weight"].shape[0] == 8

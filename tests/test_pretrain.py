@@ -27,7 +27,7 @@ def test_short_run_writes_metrics_checkpoint_and_knn(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert {"lr", "tau", "images_per_s"} <= set(recs[1])
-    assert recs[0] == {"step": 0, "epoch": 0, "knn_top1": res.knn_init}
+    assert recs[0] == {"step": 0, "epoch": 0, "knn_top1": res.knn_init, "wall_s": 0.0}
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
     assert (tmp_path / "run" / "config.yaml").is_file()
     online, target, state = _states(tmp_path / "run")

@@ -101,20 +101,26 @@ def _cosine(opt, total_steps: int):
 
 def eval_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nesterov: bool,
                    weight_decay: float, total_steps: int, kwargs: Optional[dict] = None,
-                   batch_size: int = 256):
+                   batch_size: int = 256, extra_groups: Optional[list[dict]] = None):
     """(optimizer, cosine scheduler) for an evaluation head.
 
     ``name="sgd"`` is the paper's protocol (:func:`cosine_sgd`). Any other name goes through the
     optimizer factory (timm's registry plus ours, ``lookahead_``/``svi_`` prefixes), with ``lr`` as
     the absolute learning rate (no batch scaling), biases and norm parameters excluded from weight
-    decay, and ``total_steps`` passed to optimizers that take it (SVI's warm start)."""
+    decay, and ``total_steps`` passed to optimizers that take it (SVI's warm start).
+    ``extra_groups`` (SCL's mask variables) keep their own LR and no weight decay."""
+    extra_groups = extra_groups or []
     if name == "sgd" and not kwargs:
-        return cosine_sgd(model.parameters(), lr, momentum, nesterov, weight_decay, total_steps)
+        own = {id(p) for g in extra_groups for p in g["params"]}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in own]}]
+        groups += [{k: v for k, v in g.items() if k != "lars_adapt"} for g in extra_groups]
+        return cosine_sgd(groups, lr, momentum, nesterov, weight_decay, total_steps)
     from ..config import OptimConfig
     from ..optim import create_optimizer
     cfg = OptimConfig(name=name, base_lr=lr, lr_scaling="none", weight_decay=weight_decay,
                       momentum=momentum, kwargs=dict(kwargs or {}))
-    opt = create_optimizer({"model": model}, cfg, batch_size, total_steps=total_steps)
+    opt = create_optimizer({"model": model}, cfg, batch_size, total_steps=total_steps,
+                           extra_groups=extra_groups)
     return opt, _cosine(opt, total_steps)
 
 

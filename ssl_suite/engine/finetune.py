@@ -12,6 +12,7 @@ disjoint from the labelled subset; the best model is reported on the test split 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, EvalConfig
 from ..data import balanced_indices
-from ..data.loader import BatchPlan, iterate_epoch, iterate_eval
+from ..data.loader import BatchPlan, iterate_epoch, iterate_eval, take
 from ..optim import protocol
+from . import phases
 from .eval_common import (append_results, crop_flip_view, eval_data, eval_optimizer, result_rows,
                           topk_correct)
 from .pretrain import average_buffers, make_accelerator
@@ -83,17 +85,45 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
     mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
 
+    phases.check_combination(False, fc.growth.enabled, fc.sparsity.enabled)
+
+    def gradinit_batches():
+        """GradInit's batches: labelled images with their training views, seeded."""
+        g = torch.Generator().manual_seed(cfg.seed * 7_919 + 43)
+        while True:
+            idx = torch.randint(n, (min(batch, n),), generator=g)
+            images, labels = take(labelled, idx)
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+                x = (view(images.to(device)) - mean) / std
+            yield x, labels.to(device)
+
     def train(lr: float) -> nn.Module:
         encoder, _ = load_encoder(run_dir, random_init=random_init)
         torch.manual_seed(cfg.seed)
-        model = Classifier(encoder, data.num_classes)
+        model = Classifier(encoder, data.num_classes).to(device)
         plan = BatchPlan(n, batch, cfg.seed, 1, world)
+        growth = phases.Growth.build(fc.growth, model, plan.steps_per_epoch, shrink=False) \
+            if fc.growth.enabled else None   # GradMax from the loaded widths
+        if fc.init.gradinit.enabled:
+            phases.run_gradinit(
+                model, lambda m, b: nn.functional.cross_entropy(m(b[0]).float(), b[1]),
+                gradinit_batches(), fc.init.gradinit, fc.optimizer, lr,
+                reduce=(lambda t: accelerator.reduce(t.to(device), reduction="mean").cpu())
+                if world > 1 else None, progress=cfg.progress and main)
+        sparsity = phases.Sparsity(fc.sparsity, model) if fc.sparsity.enabled else None
         opt, sched = eval_optimizer(model, fc.optimizer, lr, fc.momentum, fc.nesterov,
                                     fc.weight_decay, plan.steps_per_epoch * fc.epochs,
-                                    fc.optimizer_kwargs, batch)
+                                    fc.optimizer_kwargs, batch,
+                                    extra_groups=[sparsity.param_group()] if sparsity else None)
+        if growth is not None:
+            phases.check_growth_optimizer(opt, fc.optimizer)
         hooks = protocol.attach(opt, model)  # before prepare: hooks go on the raw modules
+        raw = model
         model, opt = accelerator.prepare(model, opt)
         model.train()
+        masked_once = sparsity.cached if sparsity is not None else nullcontext
+        step = 0
         bar = tqdm(total=fc.epochs, desc=f"finetune lr={lr:g}", leave=False,
                    disable=not (cfg.progress and main))
         for epoch in range(fc.epochs):
@@ -104,10 +134,13 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
 
                 def closure():
                     opt.zero_grad(set_to_none=True)
-                    with accelerator.autocast():
+                    with accelerator.autocast(), masked_once():
                         logits = model(x)
                     losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-                    protocol.backward(opt, losses.mean(), accelerator)
+                    objective = losses.mean()
+                    if sparsity is not None:   # SCL: lambda * R
+                        objective = objective + sparsity.penalty()
+                    protocol.backward(opt, objective, accelerator)
                     return losses.detach()
 
                 if accelerator.scaler is not None:  # GradScaler does not take closures
@@ -116,11 +149,25 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
                 else:
                     opt.step(closure)
                 sched.step()
+                step += 1
+                if growth is not None and growth.due(step):   # GradMax on this batch
+                    def grow_closure():
+                        raw.zero_grad(set_to_none=True)
+                        with accelerator.autocast():
+                            loss = nn.functional.cross_entropy(raw(x).float(), labels)
+                        loss.backward()
+                    growth.grow(step, grow_closure, opt, seed=cfg.seed, reduce=(
+                        lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
+                    if world > 1:
+                        model = accelerator.prepare_model(raw)
+            if sparsity is not None:
+                bar.set_postfix(sparsity=f"{sparsity.report()['global']:.3f}")
             bar.update(1)
         bar.close()
         hooks.remove()
-        raw = accelerator.unwrap_model(model)
         average_buffers([raw], accelerator)  # every process then scores the same model
+        if sparsity is not None:
+            raw.scl_sparsity = sparsity.report()
         return raw
 
     @torch.no_grad()
@@ -147,11 +194,14 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
     top1, top5 = score(best_model, data.test)
     result = {"lr": best, "val_top1": sweep[best], "top1": top1, "top5": top5, "labelled": n,
               "sweep": sweep}
+    metrics = {"top1": top1, "top5": top5}
+    if fc.sparsity.enabled:   # SCL: the fraction of pruned connections of the reported model
+        result["sparsity"] = best_model.scl_sparsity
+        metrics["sparsity"] = best_model.scl_sparsity["global"]
     if main:
         frac = (Path(cfg.data.label_split_file).name if cfg.data.label_split_file
                 else f"{cfg.data.label_fraction:g}")
         name = f"finetune-{frac}" + (" (random init)" if random_init else "")
-        append_results(run_dir, result_rows("finetune", run_cfg, cfg, name,
-                                            {"top1": top1, "top5": top5}, run_dir))
+        append_results(run_dir, result_rows("finetune", run_cfg, cfg, name, metrics, run_dir))
     accelerator.wait_for_everyone()
     return result

@@ -18,6 +18,7 @@ augmented anew) on each later call. The LR schedule and tau advance once per opt
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,10 +44,13 @@ from ..errors import CheckpointError, NonFiniteLossError
 from ..models import build_byol, byol_loss, ema_update_, tau_schedule
 from ..optim import build_scheduler, create_optimizer, protocol
 from . import checkpoint as ckpt
+from . import phases
 from .knn import evaluate_knn
 from .metrics import MetricsWriter
 
 log = logging.getLogger("ssl_suite")
+
+GROWTH_CALL = 1_000_003   # extra_batch call index of GradMax's growth batch (apart from closures)
 
 
 @dataclass
@@ -166,10 +170,30 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
 
+    loaded = None
+    if resume_dir is not None:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint")
+        loaded = ckpt.load_checkpoint(latest, rank)
+
     _seed_all(cfg.seed)
     online, target = build_byol(cfg.model)
+    phases.check_combination(cfg.model.weight_norm, cfg.growth.enabled, cfg.sparsity.enabled,
+                             wrs=cfg.optim.wrs, log_elr=tc.log_elr)
+    growth = None   # GradMax: pairs start thin (the target too) and grow after chosen steps
+    if cfg.growth.enabled:
+        growth = phases.Growth.build(cfg.growth, online, steps_per_epoch, twins=[target])
+        if loaded is not None:   # the widths the run had reached
+            growth.fit_to_state(online, loaded["online"])
+            growth.fit_to_state(target, loaded["target"])
     if cfg.model.weight_norm and cfg.model.weight_norm_init == "data" and resume_dir is None:
         _weight_norm_init(online, target, cfg, data, plan.micro_batch, device)
+    if cfg.init.gradinit.enabled and resume_dir is None:
+        _gradinit(online, target, cfg, data, plan.micro_batch, accelerator,
+                  run_dir / "gradinit.json" if main else None)
+    sparsity = phases.Sparsity(cfg.sparsity, online, twins=[target]) \
+        if cfg.sparsity.enabled else None   # SCL masks on online and target alike
     if tc.grad_checkpointing:
         if not hasattr(online.encoder, "set_grad_checkpointing"):
             raise ConfigError(f"train.grad_checkpointing: {cfg.model.backbone} does not support it")
@@ -188,7 +212,10 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     optimizer = create_optimizer({"encoder": online.encoder, "projector": online.projector,
                                   "predictor": online.predictor}, cfg.optim, tc.batch_size,
                                  num_samples=len(data.pretrain), epochs=total_steps / steps_per_epoch,
-                                 total_steps=total_steps)
+                                 total_steps=total_steps,
+                                 extra_groups=[sparsity.param_group()] if sparsity else None)
+    if growth is not None:
+        phases.check_growth_optimizer(optimizer, cfg.optim.name)
     scheduler = None   # lanczos: built below, once the augmentation exists
     if cfg.schedule.name != "lanczos":
         scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch, total_steps)
@@ -224,12 +251,9 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
 
     # ---- state: fresh or resumed -----------------------------------------------------------
     step, knn_init = 0, None
+    wall_offset = 0.0   # training seconds of the run before this process (resume)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
-    if resume_dir is not None:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint")
-        loaded = ckpt.load_checkpoint(latest, rank)
+    if loaded is not None:
         ckpt.load_module_state(raw_online, loaded["online"], f"{latest}/online.safetensors")
         ckpt.load_module_state(target, loaded["target"], f"{latest}/target.safetensors")
         state = loaded["state"]
@@ -242,6 +266,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
             raise CheckpointError(f"checkpoint {latest}/state.pt does not match this run: "
                                   f"{type(e).__name__}: {e}") from None
         step, knn_init = int(state["step"]), state.get("knn_init")
+        wall_offset = float(state.get("wall_s", 0.0))
         if loaded["rng"] is not None and state.get("world") == world:
             ckpt.set_rng_state(loaded["rng"])
         else:
@@ -275,7 +300,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     if step == 0:  # the same encoder at random initialisation, for comparison
         knn_init = run_knn()
         if main and knn_init is not None:
-            metrics.write({"step": 0, "epoch": 0, "knn_top1": knn_init})
+            metrics.write({"step": 0, "epoch": 0, "knn_top1": knn_init, "wall_s": 0.0})
             log.info("kNN top-1 at initialisation: %.4f", knn_init)
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -285,6 +310,11 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss = 0, None
     t_last, images_since = time.perf_counter(), 0
+    t_start = t_last
+
+    def wall() -> float:   # seconds since the run began (kNN monitors included), across resumes
+        return wall_offset + time.perf_counter() - t_start
+
     bar = tqdm(total=total_steps, initial=step, disable=not (main and tc.progress),
                desc="pretrain", unit="step", dynamic_ncols=True)
 
@@ -311,7 +341,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
         accelerator.wait_for_everyone()
         if main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "step": at_step, "world": world, "knn_init": knn_init,
+                     "step": at_step, "world": world, "knn_init": knn_init, "wall_s": wall(),
                      "config": to_dict(cfg),
                      "scaler": accelerator.scaler.state_dict() if use_scaler else None}
             ckpt.save_main(tmp, raw_online.state_dict(), target.state_dict(), state)
@@ -320,6 +350,30 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
         if main:
             last_good = ckpt.finish_save(tmp, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
+
+    masked_once = sparsity.cached if sparsity is not None else nullcontext
+
+    def grow(at_step: int) -> None:
+        """GradMax growth on a fresh batch; then the EMA pairs and the DDP wrapper follow."""
+        nonlocal online, ema_target, ema_online
+        batches = extra_batch(data.pretrain, plan, at_step, GROWTH_CALL, rank)
+
+        def loss_closure():
+            raw_online.zero_grad(set_to_none=True)
+            for images, _ in batches:
+                v1, v2 = augment(images.to(device))
+                with accelerator.autocast():
+                    q1, q2 = raw_online(v1, v2)
+                    z1, z2 = target(v1), target(v2)
+                (byol_loss(q1, q2, z1, z2) / len(batches)).backward()
+
+        reduce = (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None
+        widths = growth.grow(at_step, loss_closure, optimizer, reduce=reduce, seed=cfg.seed)
+        ema_target, ema_online = target.ema_pairs(raw_online)
+        if world > 1:
+            online = accelerator.prepare_model(raw_online)
+        metrics.write({"step": at_step, "epoch": at_step / steps_per_epoch,
+                       "growth_widths": widths, "wall_s": wall()})
 
     while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
@@ -345,11 +399,14 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                         v2 = v2.contiguous(memory_format=torch.channels_last)
                     sync = accelerator.no_sync(online) if i < accum - 1 else nullcontext()
                     with sync:
-                        with accelerator.autocast():
+                        with accelerator.autocast(), masked_once():
                             q1, q2 = online(v1, v2)
                             z1, z2 = target(v1), target(v2)
                         losses = byol_loss(q1, q2, z1, z2, reduction="none")
-                        protocol.backward(optimizer, losses.mean() / accum, accelerator)
+                        objective = losses.mean()
+                        if sparsity is not None:   # SCL: lambda * R
+                            objective = objective + sparsity.penalty()
+                        protocol.backward(optimizer, objective / accum, accelerator)
                     per_image.append(losses.detach())
                 losses = torch.cat(per_image)
                 holder.setdefault("loss", losses.mean())   # the planned batch's loss is logged
@@ -372,6 +429,8 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
             loss_sum += holder["loss"]
             loss_count += 1
             bar.update(1)
+            if growth is not None and growth.due(step):
+                grow(step)
 
             if step % tc.log_every == 0 or step == total_steps:
                 loss_val = check_finite(step)
@@ -379,15 +438,24 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                 rec = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_val,
                        "lr": optimizer.param_groups[0]["lr"],
                        "tau": tau_schedule(step, total_steps, cfg.byol.tau_base),
-                       "images_per_s": images_since / max(now - t_last, 1e-9)}
+                       "images_per_s": images_since / max(now - t_last, 1e-9),
+                       "wall_s": wall()}
                 if elr:
                     rec.update({k: v for k, v in elr.items() if isinstance(v, (int, float))})
+                if sparsity is not None:   # SCL: fraction of pruned connections
+                    report = sparsity.report()
+                    rec["sparsity"] = report.pop("global")
+                    if main:
+                        (run_dir / "sparsity.json").write_text(json.dumps(
+                            {"step": step, "global": rec["sparsity"], "layers": report},
+                            indent=1) + "\n")
                 t_last, images_since = now, 0
                 metrics.write(rec)
                 if tc.trackers:
                     accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.3g}",
-                                tau=f"{rec['tau']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+                                tau=f"{rec['tau']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
+                                **({"sparsity": f"{rec['sparsity']:.3f}"} if sparsity else {}))
             if step % tc.checkpoint_every == 0 and step < total_steps:
                 save(step)
         epoch_done = step % steps_per_epoch == 0
@@ -395,7 +463,8 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                 and step < total_steps:
             acc = run_knn()
             if main and acc is not None:
-                metrics.write({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc})
+                metrics.write({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc,
+                               "wall_s": wall()})
                 bar.write(f"epoch {step // steps_per_epoch}: kNN top-1 {acc:.4f}")
             t_last, images_since = time.perf_counter(), 0  # keep evaluation out of images/s
     bar.close()
@@ -408,7 +477,7 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     knn_final = run_knn()
     if main and knn_final is not None:
         metrics.write({"step": total_steps, "epoch": total_steps / steps_per_epoch,
-                       "knn_top1": knn_final})
+                       "knn_top1": knn_final, "wall_s": wall()})
     if tc.trackers:
         accelerator.end_training()
     return PretrainResult(run_dir, total_steps, knn_init, knn_final, last_loss, raw_online, target)
@@ -438,6 +507,53 @@ def _weight_norm_init(online, target, cfg: Config, data, n: int, device) -> None
     else:
         target.to(device).train()
         data_dependent_init(target, lambda: (target(v1), target(v2)))
+
+
+def _gradinit(online, target, cfg: Config, data, n: int, accelerator, out_path) -> None:
+    """GradInit (Zhu et al. 2021) on the online network's BYOL loss before the first step.
+
+    Each GradInit batch: ``init.gradinit.batch_size`` (or ``n``) pretraining images drawn from a
+    generator seeded by the run's seed (the same on every process; the multipliers are averaged
+    over processes all the same), their two views, and the target's projections of them (batch
+    statistics, running statistics untouched). The simulated optimizer's LR defaults to the
+    run's scaled LR. The target, built like the online network, gets the same multipliers (or a
+    copy of the online weights with ``model.target_init=copy``)."""
+    from ..analysis.hessian import batch_statistics_only
+    from ..optim.factory import scaled_lr
+
+    gc, device = cfg.init.gradinit, accelerator.device
+    size = min(gc.batch_size or n, len(data.pretrain))
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + 41)
+    augment = BYOLAugment(cfg.augment, data.mean, data.std).to(device)
+    online.to(device)
+    target.to(device)
+
+    def batches():
+        while True:
+            idx = torch.randperm(len(data.pretrain), generator=g)[:size]
+            images = take(data.pretrain, idx)[0].to(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+                with torch.no_grad(), batch_statistics_only(target):
+                    v1, v2 = augment(images)
+                    batch = v1, v2, target(v1), target(v2)
+            yield batch   # outside no_grad: a suspended generator would keep grad mode off
+
+    def loss_fn(model, batch):
+        v1, v2, z1, z2 = batch
+        return byol_loss(*model(v1, v2), z1, z2)
+
+    copy_target = cfg.model.target_init == "copy" or cfg.model.pretrained
+    reduce = ((lambda t: accelerator.reduce(t.to(device), reduction="mean").cpu())
+              if accelerator.num_processes > 1 else None)
+    phases.run_gradinit(online, loss_fn, batches(), gc, cfg.optim.name,
+                        scaled_lr(cfg.optim.base_lr, cfg.train.batch_size, cfg.optim.lr_scaling),
+                        also=[] if copy_target else [target], reduce=reduce,
+                        progress=accelerator.is_main_process and cfg.train.progress,
+                        out_path=out_path)
+    if copy_target:
+        target.encoder.load_state_dict(online.encoder.state_dict())
+        target.projector.load_state_dict(online.projector.state_dict())
 
 
 def _lanczos_scheduler(optimizer, cfg: Config, online, target, augment, dataset,

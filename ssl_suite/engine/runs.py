@@ -44,16 +44,31 @@ def load_encoder(run_dir: str | Path, random_init: bool = False,
 
     The random initialisation is the online encoder the run started from: the same seed and the
     same construction order as :func:`ssl_suite.engine.pretrain.pretrain` (before weight
-    normalization's data-dependent init, which uses a batch). Weight normalization and mean-only
-    BN are folded into plain layers, so the encoder is a plain timm model.
+    normalization's data-dependent init, which uses a batch, and before GradInit). Weight
+    normalization, mean-only BN and SCL masks are folded into plain layers, so the encoder is a
+    plain timm model (``encoder.scl_sparsity``: SCL's sparsity per layer); a GradMax run's
+    encoder has the widths its checkpoint reached (full width once every growth happened).
     """
     cfg = run_config(run_dir)
     torch.manual_seed(cfg.seed)
     online, _ = build_byol(cfg.model)
     encoder = online.encoder
+    growth = sparsity = None
+    if cfg.growth.enabled:   # GradMax: built thin as the run began, then the checkpoint's widths
+        from .phases import Growth
+        growth = Growth.build(cfg.growth, online, 1)
+    if cfg.sparsity.enabled:   # SCL: the masks are in the checkpoint; folded below
+        from .phases import Sparsity
+        sparsity = Sparsity(cfg.sparsity, online)
     if not random_init:
         state, latest = encoder_state(run_dir, network)
+        if growth is not None:
+            growth.fit_to_state(online, {f"encoder.{k}": v for k, v in state.items()})
         ckpt.load_module_state(encoder, state, f"{latest}/{network}.safetensors (encoder)")
+    if sparsity is not None:
+        # w = w_hat * step(m_hat) written into plain weights; the per-layer sparsity is kept
+        from ..models.scl import fold_scl
+        encoder.scl_sparsity = fold_scl(encoder)
     if cfg.model.weight_norm or cfg.model.mean_only_bn:
         # plain timm modules for evaluation and export: w = g v/||v|| folded into the weight,
         # mean-only BN as the BatchNorm that computes the same function in eval mode

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["ReLU1", "relu1", "gradmax_matrix", "grow_pair", "grow_linear_pair", "grow_conv_pair",
-           "grow_optimizer_state"]
+__all__ = ["ReLU1", "relu1", "gradmax_matrix", "gradmax_matrices", "grow_pair", "grow_linear_pair", "grow_conv_pair",
+           "grow_optimizer_state", "pad_pair", "shrink_pair", "hidden_width"]
 
 
 def relu1(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,63 @@ def _conv_contribution(x: torch.Tensor, g: torch.Tensor, conv_in: nn.Conv2d,
     return torch.einsum("bjv,biv->ji", ug, ux)
 
 
+class _Recorder:
+    """Forward/tensor hooks on one pair that accumulate ``M`` while a closure runs."""
+
+    def __init__(self, layer_in: nn.Module, layer_out: nn.Module):
+        self.kind = _check_pair(layer_in, layer_out)
+        self.layer_in, self.layer_out = layer_in, layer_out
+        self.inputs: list = []
+        self.n_out = 0
+        self.M: Optional[torch.Tensor] = None
+        self.handles = [layer_in.register_forward_hook(self._hook_in),
+                        layer_out.register_forward_hook(self._hook_out)]
+
+    def _hook_in(self, module, args, output):
+        self.inputs.append(args[0].detach())
+
+    def _hook_out(self, module, args, output):
+        idx = self.n_out
+        self.n_out += 1
+        if output.requires_grad:
+            output.register_hook(lambda g: self._add(idx, g))
+
+    @torch.no_grad()
+    def _add(self, idx: int, g: torch.Tensor) -> None:
+        x, g = self.inputs[idx].to(torch.float64), g.detach().to(torch.float64)
+        if self.kind == "linear":
+            c = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        else:
+            c = _conv_contribution(x, g, self.layer_in, self.layer_out)
+        self.M = c if self.M is None else self.M + c
+
+    def finish(self) -> torch.Tensor:
+        for h in self.handles:
+            h.remove()
+        if len(self.inputs) != self.n_out:
+            raise RuntimeError(f"closure ran layer_in {len(self.inputs)} times but layer_out "
+                               f"{self.n_out} times; GradMax needs them paired")
+        if self.M is None:
+            raise RuntimeError("closure produced no gradient for layer_out's output; it must run "
+                               "forward and backward of the loss")
+        return self.M
+
+
+def gradmax_matrices(pairs, closure: Callable[[], torch.Tensor]) -> list:
+    """``M`` of every ``(layer_in, layer_out)`` pair from **one** run of ``closure``."""
+    recorders = []
+    try:
+        for layer_in, layer_out in pairs:
+            recorders.append(_Recorder(layer_in, layer_out))
+        closure()
+    except BaseException:
+        for r in recorders:
+            for h in r.handles:
+                h.remove()
+        raise
+    return [r.finish() for r in recorders]
+
+
 def gradmax_matrix(layer_in: nn.Module, layer_out: nn.Module,
                    closure: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Run ``closure`` once and return ``M`` (fan_out_of_new_unit x fan_in_of_new_unit).
@@ -122,50 +179,7 @@ def gradmax_matrix(layer_in: nn.Module, layer_out: nn.Module,
     Conv: the exact unfold construction of :func:`_conv_contribution`.
     ``dL/dW_in_new = f'(0) * W_out_new^T M`` for zero incoming weights.
     """
-    kind = _check_pair(layer_in, layer_out)
-    inputs = []
-    n_out = [0]
-    acc: Dict[str, Optional[torch.Tensor]] = {"M": None}
-
-    def add(contrib: torch.Tensor) -> None:
-        acc["M"] = contrib if acc["M"] is None else acc["M"] + contrib
-
-    def hook_in(module, args, output):
-        inputs.append(args[0].detach())
-
-    def hook_out(module, args, output):
-        idx = n_out[0]
-        n_out[0] += 1
-        if not output.requires_grad:
-            return
-
-        def on_grad(g: torch.Tensor) -> None:
-            with torch.no_grad():
-                x = inputs[idx]
-                g = g.detach()
-                if kind == "linear":
-                    add(g.reshape(-1, g.shape[-1]).T.to(torch.float64)
-                        @ x.reshape(-1, x.shape[-1]).to(torch.float64))
-                else:
-                    add(_conv_contribution(x.to(torch.float64), g.to(torch.float64),
-                                           layer_in, layer_out))
-
-        output.register_hook(on_grad)
-
-    handles = [layer_in.register_forward_hook(hook_in),
-               layer_out.register_forward_hook(hook_out)]
-    try:
-        closure()
-    finally:
-        for h in handles:
-            h.remove()
-    if len(inputs) != n_out[0]:
-        raise RuntimeError(f"closure ran layer_in {len(inputs)} times but layer_out {n_out[0]} "
-                           "times; GradMax needs them paired")
-    if acc["M"] is None:
-        raise RuntimeError("closure produced no gradient for layer_out's output; it must run "
-                           "forward and backward of the loss")
-    return acc["M"]
+    return gradmax_matrices([(layer_in, layer_out)], closure)[0]
 
 
 def _replace_param(module: nn.Module, name: str, new: torch.Tensor,
@@ -191,58 +205,33 @@ def _grow_norm(norm: nn.Module, k: int, grown) -> None:
     norm.num_features += k
 
 
-def grow_pair(layer_in: nn.Module, layer_out: nn.Module, k: int,
-              closure: Callable[[], torch.Tensor], *, scale: float = 0.5,
-              scale_method: str = "mean_norm", norm: Optional[nn.Module] = None,
-              optimizer: Optional[torch.optim.Optimizer] = None,
-              exp_avg_sq_fill: str = "mean") -> Dict[str, object]:
-    """Grow the hidden width between ``layer_in`` and ``layer_out`` by ``k`` GradMax units.
-
-    Args:
-        closure: zero-grad + forward + backward of the batch-mean loss (called once).
-        scale, scale_method: magnitude of each new outgoing vector (Sec. 2.4 of the spec):
-            ``'fixed'`` -> ``scale``; ``'mean_norm'`` -> ``scale * mean_j ||W_out[:, j]||``
-            over the existing hidden units (paper code default for WRN/ImageNet, scale 0.5).
-        norm: optional BatchNorm between the pair, grown by identity.
-        optimizer: if given, its state and param groups follow the growth
-            (:func:`grow_optimizer_state`).
-
-    Returns a dict with ``M`` (float64), ``singular_values`` (top-k, descending), ``magnitude``
-    and ``replaced`` ({old_param: (new_param, dim)}) for re-wrapping EMA / DDP copies.
-    The modules are modified in place (new ``nn.Parameter`` objects, sizes updated).
+def pad_pair(layer_in: nn.Module, layer_out: nn.Module, k: int, *,
+             new_out: Optional[torch.Tensor] = None, norm: Optional[nn.Module] = None,
+             optimizer: Optional[torch.optim.Optimizer] = None,
+             exp_avg_sq_fill: str = "mean") -> Dict[nn.Parameter, Tuple[nn.Parameter, int]]:
+    """Add ``k`` hidden units between the pair: zero incoming rows (and biases), outgoing
+    columns ``new_out`` (``layer_out.weight``'s layout with ``k`` in dim 1; zeros if None), a
+    BatchNorm between grown by identity. With ``f(0) = 0`` the function is unchanged whatever
+    ``new_out`` is. Used by :func:`grow_pair`, to grow a BYOL target alongside its online network,
+    and to give a freshly built network the widths of a checkpoint. Returns ``{old: (new, dim)}``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if scale_method not in ("fixed", "mean_norm"):
-        raise ValueError(f"scale_method must be 'fixed' or 'mean_norm', got {scale_method!r}")
     kind = _check_pair(layer_in, layer_out)
-    M = gradmax_matrix(layer_in, layer_out, closure)
-    if k > min(M.shape):
-        raise ValueError(f"k={k} exceeds rank bound min{tuple(M.shape)} of the GradMax matrix")
-    U, S, _ = torch.linalg.svd(M, full_matrices=False)       # Eq. 9: top-k left singular vectors
-    directions = U[:, :k]                                      # unit-norm, orthonormal columns
-
-    w_out = layer_out.weight.detach()
-    fan_out_norms = w_out.transpose(0, 1).reshape(w_out.shape[1], -1).norm(dim=1)
-    if scale_method == "fixed":
-        magnitude = float(scale)
-    else:
-        magnitude = float(scale * fan_out_norms.mean())
-    new_out_cols = (directions * magnitude).to(w_out.dtype)   # (fan_out, k)
-
     grown: Dict[nn.Parameter, Tuple[nn.Parameter, int]] = {}
     with torch.no_grad():
-        w_in = layer_in.weight
+        w_in, w_out = layer_in.weight, layer_out.weight
+        if new_out is None:
+            new_out = w_out.new_zeros((w_out.shape[0], k) + tuple(w_out.shape[2:]))
+        if new_out.shape[1] != k or new_out.shape[0] != w_out.shape[0]:
+            raise ValueError(f"new_out has shape {tuple(new_out.shape)}; expected "
+                             f"{(w_out.shape[0], k) + tuple(w_out.shape[2:])}")
         _replace_param(layer_in, "weight",
                        torch.cat([w_in, w_in.new_zeros((k,) + tuple(w_in.shape[1:]))], 0), grown, 0)
         if layer_in.bias is not None:
             _replace_param(layer_in, "bias", torch.cat([layer_in.bias, layer_in.bias.new_zeros(k)]),
                            grown, 0)
-        if kind == "linear":
-            extra = new_out_cols
-        else:
-            extra = new_out_cols.T.reshape(k, w_out.shape[0], *w_out.shape[2:]).transpose(0, 1)
-        _replace_param(layer_out, "weight", torch.cat([w_out, extra], 1), grown, 1)
+        _replace_param(layer_out, "weight", torch.cat([w_out, new_out.to(w_out)], 1), grown, 1)
     if kind == "linear":
         layer_in.out_features += k
         layer_out.in_features += k
@@ -254,7 +243,117 @@ def grow_pair(layer_in: nn.Module, layer_out: nn.Module, k: int,
     if optimizer is not None:
         for old, (new, dim) in grown.items():
             grow_optimizer_state(optimizer, old, new, dim, exp_avg_sq_fill=exp_avg_sq_fill)
-    return {"M": M, "singular_values": S[:k], "magnitude": magnitude, "replaced": grown}
+    return grown
+
+
+def hidden_width(layer_in: nn.Module) -> int:
+    """The number of hidden units a pair starting at ``layer_in`` has."""
+    return layer_in.out_features if isinstance(layer_in, nn.Linear) else layer_in.out_channels
+
+
+def shrink_pair(layer_in: nn.Module, layer_out: nn.Module, width: int,
+                norm: Optional[nn.Module] = None) -> None:
+    """Keep the first ``width`` hidden units of the pair (and of the BatchNorm between): the thin
+    network a growth schedule starts from (the paper's ``width_multiplier``). Call before the
+    optimizer is built; the kept weights keep their initial values."""
+    kind = _check_pair(layer_in, layer_out)
+    if not 1 <= width <= hidden_width(layer_in):
+        raise ValueError(f"width must be in [1, {hidden_width(layer_in)}], got {width}")
+    unused: Dict = {}
+    with torch.no_grad():
+        _replace_param(layer_in, "weight", layer_in.weight[:width].clone(), unused, 0)
+        if layer_in.bias is not None:
+            _replace_param(layer_in, "bias", layer_in.bias[:width].clone(), unused, 0)
+        _replace_param(layer_out, "weight", layer_out.weight[:, :width].clone(), unused, 1)
+        if norm is not None:
+            if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                raise TypeError(f"only BatchNorm can sit between a pair, got {type(norm).__name__}")
+            if norm.affine:
+                _replace_param(norm, "weight", norm.weight[:width].clone(), unused, 0)
+                _replace_param(norm, "bias", norm.bias[:width].clone(), unused, 0)
+            if norm.running_mean is not None:
+                norm.running_mean = norm.running_mean[:width].clone()
+                norm.running_var = norm.running_var[:width].clone()
+            norm.num_features = width
+    if kind == "linear":
+        layer_in.out_features = layer_out.in_features = width
+    else:
+        layer_in.out_channels = layer_out.in_channels = width
+
+
+def grow_pair(layer_in: nn.Module, layer_out: nn.Module, k: int,
+              closure: Optional[Callable[[], torch.Tensor]] = None, *, scale: float = 0.5,
+              scale_method: str = "mean_norm", norm: Optional[nn.Module] = None,
+              optimizer: Optional[torch.optim.Optimizer] = None,
+              exp_avg_sq_fill: str = "mean", method: str = "gradmax",
+              reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              generator: Optional[torch.Generator] = None,
+              M: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """Grow the hidden width between ``layer_in`` and ``layer_out`` by ``k`` GradMax units.
+
+    Args:
+        closure: zero-grad + forward + backward of the batch-mean loss (called once; not needed
+            for ``method='random'``).
+        scale, scale_method: magnitude of each new outgoing vector (Sec. 2.4 of the spec):
+            ``'fixed'`` -> ``scale``; ``'mean_norm'`` -> ``scale * mean_j ||W_out[:, j]||``
+            over the existing hidden units (paper code default for WRN/ImageNet, scale 0.5).
+        norm: optional BatchNorm between the pair, grown by identity.
+        optimizer: if given, its state and param groups follow the growth
+            (:func:`grow_optimizer_state`).
+        method: ``'gradmax'`` (Eq. 9, top-k left singular vectors of ``M``) or ``'random'``
+            (the paper's baseline: random orthonormal directions of the same magnitude).
+        reduce: applied to ``M`` before the SVD (e.g. an all-reduce mean over processes, so every
+            process grows the same units).
+        M: the GradMax matrix if already computed (:func:`gradmax_matrices` gets every pair's
+            from one forward/backward); then ``closure`` is not called.
+
+    Returns a dict with ``M`` (float64; None for random), ``singular_values`` (top-k,
+    descending; None for random), ``magnitude`` and ``replaced`` ({old_param: (new_param, dim)})
+    for re-wrapping EMA / DDP copies. The modules are modified in place (new ``nn.Parameter``
+    objects, sizes updated).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if scale_method not in ("fixed", "mean_norm"):
+        raise ValueError(f"scale_method must be 'fixed' or 'mean_norm', got {scale_method!r}")
+    if method not in ("gradmax", "random"):
+        raise ValueError(f"method must be 'gradmax' or 'random', got {method!r}")
+    kind = _check_pair(layer_in, layer_out)
+    w_out = layer_out.weight.detach()
+    fan_out = w_out.shape[0] * int(torch.tensor(w_out.shape[2:]).prod()) if kind == "conv" \
+        else w_out.shape[0]
+    S = None
+    if method == "gradmax":
+        if M is None and closure is None:
+            raise ValueError("grow_pair: method='gradmax' needs a closure")
+        if M is None:
+            M = gradmax_matrix(layer_in, layer_out, closure)
+        if reduce is not None:
+            M = reduce(M)
+        if k > min(M.shape):
+            raise ValueError(f"k={k} exceeds rank bound min{tuple(M.shape)} of the GradMax matrix")
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)   # Eq. 9: top-k left singular vectors
+        directions, S = U[:, :k], S[:k]                        # unit-norm, orthonormal columns
+    else:
+        M = None
+        if k > fan_out:
+            raise ValueError(f"k={k} exceeds the {fan_out} outgoing dimensions")
+        z = torch.randn(fan_out, k, dtype=torch.float64, generator=generator)
+        directions = torch.linalg.qr(z).Q
+
+    fan_out_norms = w_out.transpose(0, 1).reshape(w_out.shape[1], -1).norm(dim=1)
+    if scale_method == "fixed":
+        magnitude = float(scale)
+    else:
+        magnitude = float(scale * fan_out_norms.mean())
+    new_out_cols = (directions * magnitude).to(w_out.dtype)   # (fan_out, k)
+    if kind == "linear":
+        extra = new_out_cols
+    else:
+        extra = new_out_cols.T.reshape(k, w_out.shape[0], *w_out.shape[2:]).transpose(0, 1)
+    grown = pad_pair(layer_in, layer_out, k, new_out=extra.to(w_out.device), norm=norm,
+                     optimizer=optimizer, exp_avg_sq_fill=exp_avg_sq_fill)
+    return {"M": M, "singular_values": S, "magnitude": magnitude, "replaced": grown}
 
 
 def grow_linear_pair(layer_in: nn.Linear, layer_out: nn.Linear, k: int, closure, **kwargs):
@@ -276,7 +375,7 @@ _SQ_STATES = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
 
 def grow_optimizer_state(optimizer: torch.optim.Optimizer, old_param: torch.Tensor,
                          new_param: torch.Tensor, dim: int, *,
-                         exp_avg_sq_fill: str = "mean") -> None:
+                         exp_avg_sq_fill: str = "mean", swap: bool = True) -> None:
     """Swap ``old_param`` for ``new_param`` in ``optimizer`` and grow its state along ``dim``.
 
     Old entries keep their state (``copy_optimizer_slots`` / ``pad_zeros_to`` in the paper code);
@@ -286,11 +385,13 @@ def grow_optimizer_state(optimizer: torch.optim.Optimizer, old_param: torch.Tens
     ``(1-beta1)/sqrt(1-beta2) * lr * sign(g)``; so by default (``exp_avg_sq_fill='mean'``)
     second-moment tensors (``exp_avg_sq``, ``max_exp_avg_sq``, RMSprop's ``square_avg``, ...) are
     padded with the mean of the old entries. ``'zero'`` reproduces the paper code's zero padding.
+    ``swap=False`` only moves the state (for a wrapper whose ``param_groups`` are its base
+    optimizer's, already swapped: our Lookahead keeps its slow weights in its own ``state``).
     """
     if exp_avg_sq_fill not in ("mean", "zero"):
         raise ValueError(f"exp_avg_sq_fill must be 'mean' or 'zero', got {exp_avg_sq_fill!r}")
-    found = False
-    for group in optimizer.param_groups:
+    found = not swap
+    for group in optimizer.param_groups if swap else ():
         for i, p in enumerate(group["params"]):
             if p is old_param:
                 group["params"][i] = new_param

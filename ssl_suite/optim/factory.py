@@ -42,16 +42,18 @@ def is_excluded(module: nn.Module, param: torch.Tensor) -> bool:
 
 
 def param_groups(modules: dict[str, nn.Module], weight_decay: float, exclude: bool = True,
-                 lr_mults: Optional[dict[str, float]] = None) -> list[dict]:
+                 lr_mults: Optional[dict[str, float]] = None,
+                 skip: Iterable[torch.Tensor] = ()) -> list[dict]:
     """Groups for named sub-modules: (regular | excluded) x (lr multiplier).
 
     ``modules`` maps a label to a module (e.g. {"encoder": ..., "predictor": ...}); ``lr_mults``
     gives a label its LR multiplier. Each group carries ``weight_decay``, ``lars_adapt`` and
-    ``lr_mult``; the factory turns ``lr_mult`` into the group's ``lr``.
+    ``lr_mult``; the factory turns ``lr_mult`` into the group's ``lr``. Parameters in ``skip``
+    are left out (they come in a group of their own, e.g. SCL's mask variables).
     """
     lr_mults = lr_mults or {}
     groups: dict[tuple[float, bool], dict] = {}
-    seen: set[int] = set()
+    seen: set[int] = {id(p) for p in skip}
     for label, root in modules.items():
         mult = float(lr_mults.get(label, 1.0))
         for module in root.modules():
@@ -117,7 +119,8 @@ def normalized_weight_decay(lambda_norm: float, batch: int, num_samples: int, ep
 def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
                      num_samples: Optional[int] = None,
                      epochs: Optional[float] = None,
-                     total_steps: Optional[int] = None) -> torch.optim.Optimizer:
+                     total_steps: Optional[int] = None,
+                     extra_groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
     """Build ``cfg.name`` over :func:`param_groups` of ``modules`` through timm's registry.
 
     ``cfg`` is a :class:`ssl_suite.config.OptimConfig`. Names go through :data:`ALIASES`; a
@@ -125,7 +128,9 @@ def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
     (slow weights in its state_dict). Keyword arguments the optimizer class does not take
     (``trust_coeff`` for non-LARS optimizers) are left out. ``num_samples`` and ``epochs`` are
     needed for ``cfg.normalized_weight_decay``; ``total_steps`` (the run's optimizer steps) goes
-    to optimizers whose constructor takes it (SVI's warm start).
+    to optimizers whose constructor takes it (SVI's warm start). ``extra_groups`` are added as
+    they are (each with its own ``lr``; e.g. SCL's mask variables: no weight decay, no trust
+    ratio); their parameters are left out of the regular groups.
     """
     name, lookahead = resolve_name(cfg.name)
     lr = scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
@@ -134,10 +139,17 @@ def create_optimizer(modules: dict[str, nn.Module], cfg, global_batch: int,
         if not num_samples or not epochs:
             raise OptimizerError("optim.normalized_weight_decay: needs the dataset size and epochs")
         wd = normalized_weight_decay(cfg.normalized_weight_decay, global_batch, num_samples, epochs)
+    extra_groups = [dict(g) for g in extra_groups or []]
     groups = param_groups(modules, wd, cfg.exclude_bias_and_norm,
-                          {"predictor": cfg.predictor_lr_mult})
+                          {"predictor": cfg.predictor_lr_mult},
+                          skip=[p for g in extra_groups for p in g["params"]])
     for g in groups:
         g["lr"] = lr * g["lr_mult"]
+    for g in extra_groups:
+        g.setdefault("weight_decay", 0.0)
+        g.setdefault("lars_adapt", False)
+        g.setdefault("lr_mult", g["lr"] / lr)
+    groups += extra_groups
     try:
         opt_cls = get_optimizer_class(name, bind_defaults=False)
     except (ValueError, KeyError):

@@ -150,6 +150,7 @@ class KOALA(Optimizer):
     """
 
     requires_closure = True   # step() reads the closure's per-sample losses
+    supports_growth = False   # per-layer covariances and C-kernel layouts fixed at first use
 
     def __init__(self, params, lr: float = 1.0, variant: str = "m", weight_decay: float = 0.0, *,
                  sigma: float = 0.1, q: float = 1.0,

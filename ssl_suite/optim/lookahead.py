@@ -58,11 +58,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch.optim import Optimizer
 
+from . import protocol
+
 PULLBACK_MODES = ("none", "reset", "pullback")
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
 
-class Lookahead(Optimizer):
+class Lookahead(protocol.WrapsOptimizer, Optimizer):
     """Lookahead around any ``torch.optim.Optimizer`` (Zhang et al. 2019, Algorithm 1).
 
     Args:
@@ -100,18 +102,6 @@ class Lookahead(Optimizer):
             self.state[p]["slow_param"] = p.detach().clone()  # phi_0 = theta_0
 
     # -- the base optimizer's groups and defaults, shared, not copied --------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 

@@ -232,6 +232,8 @@ class MBF(Optimizer):
             torch ops only. Same results up to float rounding. Not part of the state_dict.
     """
 
+    supports_growth = False   # curvature mini-blocks sized by the layer at attach
+
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  damping: float = 0.01, beta: float = 0.9, t_cov: int = 10, t_inv: int = 100,
                  conv_block: str = "kernel", linear_block: str = "auto", chunk_size: int = 32,

@@ -426,6 +426,8 @@ class NSGD(Optimizer):
     Call :meth:`attach` (or ``protocol.attach``) once with the model before training.
     """
 
+    supports_growth = False   # input statistics per layer (per input channel in the v1 form)
+
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *,
                  norm_source: str = "paper", p: Optional[int] = None, eps: float = 0.01,

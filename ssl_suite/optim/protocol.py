@@ -34,6 +34,24 @@ from typing import Any, Optional
 import torch
 
 
+class WrapsOptimizer:
+    """Mixin for an optimizer that drives another one (``self.optimizer``): its ``param_groups``
+    and ``defaults`` *are* the inner optimizer's, so an LR scheduler on the wrapper moves the inner
+    LRs (our Lookahead and SVI)."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+
 class Handle:
     """Removable collection of hook handles (``torch.utils.hooks.RemovableHandle`` or
     anything with ``remove()``)."""

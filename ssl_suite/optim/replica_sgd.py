@@ -94,6 +94,7 @@ class ReplicaSGD(Optimizer):
     requires_closure = True   # step() calls the closure itself (one per replica)
     recompute_bn_after_training = True   # the centre never ran forward: the engine re-estimates BN
     fresh_batches = True      # every closure call must draw a new batch
+    supports_growth = False   # the replicas are copies of the parameters as they were
 
     def __init__(self, params, lr: float = 0.1, replicas: int = 3, gamma0: float = 2e-3,
                  gamma1: float = 0.0, gamma_max: Optional[float] = None, momentum: float = 0.0,

@@ -141,7 +141,7 @@ class _Gate(torch.autograd.Function):
         return (grad if ctx.switch.open else None), None
 
 
-class SVI(Optimizer):
+class SVI(protocol.WrapsOptimizer, Optimizer):
     """SVI directions (Xu, Cheng & Xie 2022, spec 4.2) fed to any registered base optimizer.
 
     Args:
@@ -215,18 +215,6 @@ class SVI(Optimizer):
         self._patch_step_function()
 
     # -- the base optimizer's groups, defaults and state, shared ------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
     @property
     def state(self):
         return self.optimizer.state
