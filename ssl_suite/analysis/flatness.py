@@ -597,10 +597,9 @@ def flatness_job(run_dir: str, sigmas: Sequence[float] = (0.0, 0.01, 0.02, 0.05,
     from ..augment import BYOLAugment, eval_transform
     from ..config import ConfigError
     from ..data import DataError, build_data
-    from ..engine import checkpoint as ckpt
-    from ..engine.runs import run_config
+    from ..engine.runs import load_networks
     from ..errors import CheckpointError
-    from ..models import build_byol, byol_loss
+    from ..models import byol_loss
 
     sig = sorted(set(_check_sigmas(sigmas)) | {0.0})
     _check_count("samples", samples)
@@ -611,19 +610,11 @@ def flatness_job(run_dir: str, sigmas: Sequence[float] = (0.0, 0.01, 0.02, 0.05,
     if not Path(run_dir).is_dir():
         raise ValueError(f"--run: {run_dir} is not a directory")
     try:
-        cfg = run_config(run_dir)
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise ValueError(f"--run: {run_dir} has no complete checkpoint")
-        loaded = ckpt.load_checkpoint(latest)
-        torch.manual_seed(cfg.seed)
-        online, target = build_byol(cfg.model)
-        ckpt.load_module_state(online, loaded["online"], f"{latest}/online.safetensors")
-        ckpt.load_module_state(target, loaded["target"], f"{latest}/target.safetensors")
+        cfg, online, target, state, latest = load_networks(run_dir)
         data = build_data(cfg.data, show_progress=False)
     except (CheckpointError, ConfigError, DataError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    step = int(loaded["state"].get("step", 0)) if isinstance(loaded["state"], dict) else 0
+    step = int(state.get("step", 0)) if isinstance(state, dict) else 0
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     online.to(dev)
     target.to(dev)

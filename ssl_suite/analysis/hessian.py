@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -584,9 +584,8 @@ def hessian_job(run_dir: str, batch_size: int = 128, num_batches: int = 4, lancz
 
     from ..augment import BYOLAugment
     from ..data import build_data
-    from ..engine import checkpoint as ckpt
-    from ..engine.runs import run_config
-    from ..models import build_byol, byol_loss
+    from ..engine.runs import load_networks
+    from ..models import byol_loss
     from . import lr_rules
 
     t_start = time.perf_counter()
@@ -598,25 +597,12 @@ def hessian_job(run_dir: str, batch_size: int = 128, num_batches: int = 4, lancz
     if bn_mode not in ("train", "eval"):
         raise HessianJobError(f"hessian: bn_mode must be 'train' or 'eval', got {bn_mode!r}")
     try:
-        cfg = run_config(run_dir)
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise HessianJobError(f"--run: {run_dir} has no complete checkpoint")
-        loaded = ckpt.load_checkpoint(latest)
+        cfg, online, target, state, latest = load_networks(run_dir)
     except SSLSuiteError as e:
         raise HessianJobError(str(e)) from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cache_graph is None:
         cache_graph = dev.type == "cpu"
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        online, target = build_byol(replace(cfg.model, pretrained=False))
-    try:
-        ckpt.load_module_state(online, loaded["online"], f"{latest}/online.safetensors")
-        ckpt.load_module_state(target, loaded["target"], f"{latest}/target.safetensors")
-    except SSLSuiteError as e:
-        raise HessianJobError(str(e)) from None
     online.to(dev)
     target.to(dev)
 
@@ -682,7 +668,7 @@ def hessian_job(run_dir: str, batch_size: int = 128, num_batches: int = 4, lancz
                                                 full["lambda_max"], need)
     result = {
         "run_dir": str(run_dir), "checkpoint": str(latest),
-        "step": int(loaded["state"].get("step", -1)) if isinstance(loaded["state"], dict) else -1,
+        "step": int(state.get("step", -1)) if isinstance(state, dict) else -1,
         "params": dim, "batch_size": batch_size, "num_batches": num_batches,
         "lanczos_steps": steps, "probes": probes, "seed": seed, "bn_mode": bn_mode,
         "full": full, "mini": mini,

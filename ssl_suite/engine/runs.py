@@ -26,6 +26,39 @@ def run_config(run_dir: str | Path, overrides: Optional[list[str]] = None,
     return cfg
 
 
+def shape_as_trained(cfg: Config, online: nn.Module, target: Optional[nn.Module] = None,
+                     online_state: Optional[dict] = None, target_state: Optional[dict] = None):
+    """Give freshly built networks the structure the run trained: GradMax pairs at the widths
+    of the given state dicts (built thin, then padded), SCL masks. Returns the SCL handle or
+    None."""
+    from .phases import Growth, Sparsity
+    twins = [target] if target is not None else []
+    if cfg.growth.enabled:
+        growth = Growth.build(cfg.growth, online, 1, twins=twins)
+        for net, state in ((online, online_state), (target, target_state)):
+            if net is not None and state is not None:
+                growth.fit_to_state(net, state)
+    return Sparsity(cfg.sparsity, online, twins=twins) if cfg.sparsity.enabled else None
+
+
+def load_networks(run_dir: str | Path):
+    """``(cfg, online, target, state, checkpoint)``: the run's online and target networks as
+    they are in its latest checkpoint (on the CPU), for analyses of a trained run."""
+    from dataclasses import replace
+    cfg = run_config(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise CheckpointError(f"--run: {run_dir} has no complete checkpoint")
+    loaded = ckpt.load_checkpoint(latest)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        online, target = build_byol(replace(cfg.model, pretrained=False))
+    shape_as_trained(cfg, online, target, loaded["online"], loaded["target"])
+    ckpt.load_module_state(online, loaded["online"], f"{latest}/online.safetensors")
+    ckpt.load_module_state(target, loaded["target"], f"{latest}/target.safetensors")
+    return cfg, online, target, loaded["state"], latest
+
+
 def encoder_state(run_dir: str | Path, network: str = "online") -> tuple[dict[str, torch.Tensor], Path]:
     """Encoder weights (``encoder.`` prefix removed) of the run's latest checkpoint."""
     latest = ckpt.latest_checkpoint(run_dir)
@@ -53,17 +86,14 @@ def load_encoder(run_dir: str | Path, random_init: bool = False,
     torch.manual_seed(cfg.seed)
     online, _ = build_byol(cfg.model)
     encoder = online.encoder
-    growth = sparsity = None
-    if cfg.growth.enabled:   # GradMax: built thin as the run began, then the checkpoint's widths
-        from .phases import Growth
-        growth = Growth.build(cfg.growth, online, 1)
-    if cfg.sparsity.enabled:   # SCL: the masks are in the checkpoint; folded below
-        from .phases import Sparsity
-        sparsity = Sparsity(cfg.sparsity, online)
+    # GradMax: built thin as the run began, then the checkpoint's widths; SCL: the masks (the
+    # checkpoint holds them; they are folded below)
+    state = latest = None
     if not random_init:
         state, latest = encoder_state(run_dir, network)
-        if growth is not None:
-            growth.fit_to_state(online, {f"encoder.{k}": v for k, v in state.items()})
+    sparsity = shape_as_trained(cfg, online, online_state=None if state is None else
+                                {f"encoder.{k}": v for k, v in state.items()})
+    if state is not None:
         ckpt.load_module_state(encoder, state, f"{latest}/{network}.safetensors (encoder)")
     if sparsity is not None:
         # w = w_hat * step(m_hat) written into plain weights; the per-layer sparsity is kept
