@@ -53,17 +53,6 @@ L_SGLD = 5
 REPLICAS = 3
 
 
-def batch_stream(data: small_tasks.Split, batch_size: int, seed: int) -> Iterator:
-    """Minibatches drawn without replacement per epoch from a seeded generator, forever."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(data.y_train)
-    while True:
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
-            yield data.x_train[idx], data.y_train[idx]
-
-
 def cosine(opt: torch.optim.Optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
@@ -153,7 +142,8 @@ def main(argv=None) -> int:
         model = small_tasks.small_cnn()
         model.load_state_dict(init)
         opt = build(model.parameters())
-        calls, loss, secs = train(model, opt, steps, batch_stream(data, BATCH, args.seed))
+        stream = small_tasks.batch_stream(data, BATCH, args.seed)
+        calls, loss, secs = train(model, opt, steps, stream)
         recompute_bn_stats(model, data.x_train.split(256))
         acc = small_tasks.accuracy(model, data.x_test, data.y_test)
         curves[name] = local_energy(model, metrics, sigmas, args.samples, seed=args.seed)

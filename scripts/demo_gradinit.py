@@ -85,17 +85,6 @@ class SmallResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def batch_stream(data: small_tasks.Split, batch_size: int, seed: int):
-    """Endless (x, y) minibatches, reshuffled each epoch from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(data.y_train)
-    while True:
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
-            yield data.x_train[idx], data.y_train[idx]
-
-
 def gi_loss(module, batch):
     x, y = batch
     return F.cross_entropy(module(x), y)
@@ -170,7 +159,7 @@ def main(argv=None) -> int:
 
             model = SmallResNet(args.width, args.blocks)
             model.load_state_dict(init)
-            probe = next(batch_stream(data, args.batch_size, 2000 + seed))
+            probe = next(small_tasks.batch_stream(data, args.batch_size, 2000 + seed))
             gnorm_plain = init_grad_norm(model, probe)
             plain[lr].append(small_tasks.train(
                 model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), data,
@@ -179,7 +168,8 @@ def main(argv=None) -> int:
             model = SmallResNet(args.width, args.blocks)
             model.load_state_dict(init)
             t0 = time.perf_counter()
-            scales = gradinit(model, gi_loss, batch_stream(data, args.batch_size, 1000 + seed),
+            stream = small_tasks.batch_stream(data, args.batch_size, 1000 + seed)
+            scales = gradinit(model, gi_loss, stream,
                               optimizer="sgd", lr=lr, steps=args.gi_steps, gamma=1.0,
                               min_scale=0.01, scale_lr=args.scale_lr, grad_clip=1.0,
                               normalize_grad=args.normalize_grad, progress=False)
@@ -245,7 +235,8 @@ def main(argv=None) -> int:
         fig.savefig(args.out, dpi=110)
         plt.close(fig)
         print(f"\nwrote {args.out}")
-    print(f"GradInit time {gi_seconds:.1f} s; total wall time {time.perf_counter() - t_start:.1f} s")
+    print(f"GradInit time {gi_seconds:.1f} s; "
+          f"total wall time {time.perf_counter() - t_start:.1f} s")
     return 0
 
 

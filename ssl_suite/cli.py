@@ -10,6 +10,8 @@ Jobs:
   optimizers   every optimizer name a config accepts, with a one-line description
   analyze      ``analyze hessian --run RUN``: Hessian spectrum (lambda_max, SLQ density) of the
                BYOL loss, full- and mini-batch; ``analyze flatness --run RUN``: local-energy curve
+  compare      the same pretraining + linear evaluation for a list of algorithms and seeds:
+               a table (CSV, Markdown) and a plot; resumable (``--config configs/compare_*.yaml``)
 
 A configuration, data or checkpoint problem ends the command with one line on stderr naming what
 was wrong, exit status 2; a diverging run (non-finite loss) exits with status 3.
@@ -84,6 +86,19 @@ def _parser() -> argparse.ArgumentParser:
                            default=[0.0, 0.01, 0.02, 0.05, 0.1])
             a.add_argument("--samples", type=int, default=4)
             a.add_argument("--bn", choices=("eval", "batch"), default="eval")
+    cmp = sub.add_parser("compare", help="the same pretraining + linear evaluation for several "
+                                         "algorithms and seeds: table and plot (resumable)")
+    cmp.add_argument("--config", required=True, help="comparison YAML (configs/compare_*.yaml)")
+    cmp.add_argument("--out-dir", metavar="DIR", help="instead of the file's out_dir")
+    cmp.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="instead of the file's seeds")
+    cmp.add_argument("--only", nargs="+", metavar="NAME", help="run only these algorithms")
+    cmp.add_argument("--retry-failed", action="store_true",
+                     help="run again the runs that failed with an error (skipped otherwise)")
+    cmp.add_argument("--no-progress", action="store_true")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="pretraining overrides for every run, after the algorithms' own "
+                          "(e.g. data.root=/data/cifar10 train.epochs=2)")
     return p
 
 
@@ -190,6 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return main_plot(args.runs, args.out)
         if args.job == "analyze":
             return run_analyze(args)
+        if args.job == "compare":
+            from .engine.compare import compare
+            return compare(args.config, args.overrides, out_dir=args.out_dir, seeds=args.seeds,
+                           only=args.only, retry_failed=args.retry_failed,
+                           progress=not args.no_progress)
     except NonFiniteLossError as e:
         print(f"ssl-suite: error: {e}", file=sys.stderr)
         return 3

@@ -1,5 +1,9 @@
 """Shared tiny configurations for the engine tests."""
 
+from contextlib import contextmanager
+
+import pytest
+
 from ssl_suite.config import build_config
 
 
@@ -25,3 +29,25 @@ def tiny_overrides(run_dir, **extra):
 
 def tiny_config(run_dir, **extra):
     return build_config({}, tiny_overrides(run_dir, **extra))
+
+
+class Killed(Exception):
+    """Stands for a kill of the process right after a checkpoint was written."""
+
+
+@contextmanager
+def killed_after_first_checkpoint(monkeypatch):
+    """Inside the block, the first checkpoint a run finishes writing ends the run (``Killed``),
+    as a kill would right after the rename; the block expects that to happen."""
+    from ssl_suite.engine import checkpoint as ckpt
+    real_finish = ckpt.finish_save
+
+    def finish_then_die(tmp, keep):
+        real_finish(tmp, keep)
+        raise Killed()
+    monkeypatch.setattr(ckpt, "finish_save", finish_then_die)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(ckpt, "finish_save", real_finish)

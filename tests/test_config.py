@@ -8,7 +8,8 @@ from ssl_suite.config import ConfigError, build_config, load_config, parse_overr
 
 EVAL_PREFIXES = ("linear_", "semisup_", "eval_")
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")
-                 if not p.name.startswith(EVAL_PREFIXES))  # evaluation configs: test_eval.py
+                 if not p.name.startswith(EVAL_PREFIXES + ("compare_",)))
+# evaluation configs: test_eval.py; comparison configs: test_compare.py
 
 
 def test_defaults_are_the_paper_views():

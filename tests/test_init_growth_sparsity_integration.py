@@ -18,7 +18,7 @@ from ssl_suite.export import export_encoder, load_backbone
 from ssl_suite.models import build_byol
 from ssl_suite.models.gradmax import ReLU1
 
-from helpers import tiny_config
+from helpers import killed_after_first_checkpoint, tiny_config
 
 SPE = 1437 // 32   # optimizer steps per epoch of the tiny config (digits, batch 32)
 
@@ -125,18 +125,8 @@ def test_growth_resume_after_growth_equals_uninterrupted(tmp_path, monkeypatch):
              "growth.start_epoch": 2 / SPE, "growth.every_epochs": 2 / SPE,
              "train.max_steps": 6, "optim.name": "lookahead_lars", "optim.lookahead_k": 2}
     pretrain(tiny_config(tmp_path / "full", **extra))
-    real_finish = ckpt.finish_save
-
-    class Killed(Exception):
-        pass
-
-    def finish_then_die(tmp, keep):
-        real_finish(tmp, keep)
-        raise Killed()
-    monkeypatch.setattr(ckpt, "finish_save", finish_then_die)
-    with pytest.raises(Killed):   # killed right after the checkpoint at step 3 (one growth done)
+    with killed_after_first_checkpoint(monkeypatch):   # at step 3, one growth done
         pretrain(tiny_config(tmp_path / "killed", **extra, **{"train.checkpoint_every": 3}))
-    monkeypatch.setattr(ckpt, "finish_save", real_finish)
     res = pretrain(pretrain_mod.resume_config(str(tmp_path / "killed")),
                    resume_dir=str(tmp_path / "killed"))
     assert res.step == 6

@@ -11,7 +11,7 @@ from ssl_suite.cli import main
 from ssl_suite.engine import checkpoint as ckpt
 from ssl_suite.engine.pretrain import pretrain
 
-from helpers import tiny_config, tiny_overrides
+from helpers import killed_after_first_checkpoint, tiny_config, tiny_overrides
 
 
 def _states(run_dir):
@@ -45,18 +45,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, optim):
 
     killed = tiny_config(tmp_path / "killed", **{"train.max_steps": 2 * n,
                                                  "train.checkpoint_every": n, **extra})
-    real_finish = ckpt.finish_save
-
-    class Killed(Exception):
-        pass
-
-    def finish_then_die(tmp, keep):
-        real_finish(tmp, keep)
-        raise Killed()
-    monkeypatch.setattr(ckpt, "finish_save", finish_then_die)
-    with pytest.raises(Killed):
+    with killed_after_first_checkpoint(monkeypatch):
         pretrain(killed)
-    monkeypatch.setattr(ckpt, "finish_save", real_finish)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "killed")] == [f"step_{n:08d}"]
     # the killed run logged up to step n; resume continues from the checkpoint
     res = pretrain(pretrain_mod.resume_config(str(tmp_path / "killed")),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     acc = float((model(x).argmax(1) == y).float().mean())
     model.train(was)
     return acc
+
+
+def batch_stream(data: Split, batch_size: int,
+                 seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) training minibatches, drawn without replacement per epoch from a seeded
+    generator (the last incomplete batch of an epoch is dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data.y_train)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            yield data.x_train[idx], data.y_train[idx]
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: Split, steps: int,

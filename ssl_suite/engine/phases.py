@@ -42,7 +42,8 @@ _ADAM_FAMILY = ("adam", "lamb", "lion", "adafactor", "adan", "koala")
 
 def gradinit_optimizer(cfg: GradInitConfig, run_optimizer: str) -> str:
     """The optimizer A whose first step GradInit simulates: ``auto`` -> ``adam`` for Adam-family
-    run optimizers (their first step is about lr * sign(g), the paper's A for Adam), else ``sgd``."""
+    run optimizers (their first step is about lr * sign(g), the paper's A for Adam), else
+    ``sgd``."""
     if cfg.optimizer != "auto":
         return cfg.optimizer
     name = run_optimizer.lower()
@@ -69,7 +70,8 @@ def run_gradinit(model: nn.Module, loss_fn, batches: Iterator, cfg: GradInitConf
                           second_order=cfg.second_order, grad_clip=cfg.grad_clip,
                           history=history)
     except FloatingPointError as e:
-        raise ConfigError(f"init.gradinit: {e}; try a smaller init.gradinit.scale_lr or lr") from None
+        raise ConfigError(f"init.gradinit: {e}; try a smaller init.gradinit.scale_lr or "
+                          "lr") from None
     if reduce is not None and scales:
         vec = reduce(torch.tensor(list(scales.values()), dtype=torch.float64))
         scales = dict(zip(scales, vec.tolist()))
@@ -110,7 +112,8 @@ def _block_pairs(model: nn.Module) -> list[Pair]:
         if not (isinstance(convs[0], nn.Conv2d) and isinstance(convs[1], nn.Conv2d)):
             continue
         i = 2 if isinstance(convs[2], nn.Conv2d) else 1
-        norm = f"encoder.{name}.bn{i}" if isinstance(getattr(m, f"bn{i}", None), nn.Module) else None
+        has_norm = isinstance(getattr(m, f"bn{i}", None), nn.Module)
+        norm = f"encoder.{name}.bn{i}" if has_norm else None
         pairs.append((f"encoder.{name}.conv{i}", norm, f"encoder.{name}.conv{i + 1}"))
     if not pairs:
         raise ConfigError("growth.pairs: 'blocks' found no residual block (conv1 -> bn1 -> conv2) "
@@ -160,9 +163,9 @@ class Growth:
     """GradMax growth of ``pairs`` of ``model`` (and of the same pairs of ``twins``, e.g. the
     BYOL target) on a schedule of optimizer steps.
 
-    ``widths``: each pair's starting width; ``final``: its width after the last growth; event
-    ``j`` (0-based) after step ``start + j * every`` grows each pair to
-    ``start_w + round((final - start_w) * (j + 1) / n)``.
+    ``start``: each pair's width before the first growth; ``final``: its width after the last;
+    ``events``: the optimizer steps after which growth ``j`` (0-based) brings each pair to
+    ``start + round((final - start) * (j + 1) / n_growths)``.
     """
 
     def __init__(self, cfg: GrowthConfig, model: nn.Module, pairs: list[Pair],
@@ -218,7 +221,8 @@ class Growth:
         from ..models.gradmax import hidden_width
         return {p[0]: hidden_width(self._mods(net or self.model, p)[0]) for p in self.pairs}
 
-    def fit_to_state(self, net: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    def fit_to_state(self, net: nn.Module, state: dict[str, torch.Tensor],
+                     prefix: str = "") -> None:
         """Give ``net``'s pairs the widths found in a state dict (zero-padded; the values come
         from the state dict when it is loaded): resuming or evaluating a grown run."""
         from ..models.gradmax import hidden_width, pad_pair
