@@ -360,12 +360,16 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
 
         def loss_closure():
             raw_online.zero_grad(set_to_none=True)
+            if tc.grad_checkpointing:   # GradMax's hooks pair each forward with its backward
+                raw_online.encoder.set_grad_checkpointing(False)
             for images, _ in batches:
                 v1, v2 = augment(images.to(device))
                 with accelerator.autocast():
                     q1, q2 = raw_online(v1, v2)
                     z1, z2 = target(v1), target(v2)
                 (byol_loss(q1, q2, z1, z2) / len(batches)).backward()
+            if tc.grad_checkpointing:
+                raw_online.encoder.set_grad_checkpointing(True)
 
         reduce = (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None
         widths = growth.grow(at_step, loss_closure, optimizer, reduce=reduce, seed=cfg.seed)
