@@ -153,12 +153,13 @@ def _primed(entry: Entry, name: str, lr: float, weight_decay: float):
     return build
 
 
-def _koala(entry: Entry, name: str):
-    """KOALA reads the per-sample losses the closure returns; here a fixed vector of 256."""
+def _koala(entry: Entry, name: str, **kwargs):
+    """KOALA reads the per-sample losses the closure returns; here a fixed vector of 256.
+    ``kwargs`` go to the optimizer (``fuse_predict=True``)."""
     losses = torch.rand(256, generator=torch.Generator().manual_seed(2)) + 1.0
 
     def build(model):
-        opt = _ours(name, 1.0, 0.0)(model)
+        opt = _ours(name, 1.0, 0.0, kwargs=dict(kwargs))(model)
         dev = next(model.parameters()).device
         vec = losses.to(dev)
         entry.closure = lambda: vec
@@ -174,6 +175,9 @@ def _part2() -> list[Entry]:
         e.build = (_primed(e, kind, 0.1 if kind == "nsgd" else 0.01, 5e-4)
                    if kind in _LAYER_STATS else _koala(e, kind))
         out.append(e)
+    e = Entry("ours koalam fuse_predict", None, ours=True, target=1.5)
+    e.build = _koala(e, "koalam", fuse_predict=True)
+    out.insert(3, e)
     return out
 
 
@@ -295,6 +299,7 @@ TRAIN_STEP = [
     ("ours nsgd", "nsgd", 0.1, 5e-4, {}, 1.15),
     ("ours koalav", "koalav", 1.0, 5e-4, {}, 1.1),
     ("ours koalam", "koalam", 1.0, 5e-4, {}, 1.1),
+    ("ours koalam fuse_predict", "koalam", 1.0, 5e-4, {"fuse_predict": True}, 1.1),
     ("ours svi (base sgd momentum)", "svi_momentum", 0.1, 5e-4, {}, 2.0),
     ("ours mbf", "mbf", 0.01, 5e-4, {}, 2.0),
 ]

@@ -472,3 +472,99 @@ def test_native_unavailable_falls_back_to_torch(monkeypatch):
     with pytest.warns(RuntimeWarning, match="C kernels unavailable"):
         opt.step(_quad_closure(opt, x))
     assert not _used_native(opt) and opt._pending is None
+
+
+# (9) fuse_predict: the next step's predict inside this step's update ---------------------------
+def _fused_pair(native, steps=5, dtype=D, resume_at=None):
+    """Default KOALA-M and fuse_predict=True on the same problem as ``_run_paths`` (two groups,
+    weight decay on one, a tensor of several kernel chunks, a parameter without a gradient);
+    the weights every closure saw, for both. ``resume_at``: the fused run is rebuilt from its
+    state_dict (and the weights) after that many steps."""
+    torch.manual_seed(3)
+    shapes = [(4, 3, 3, 3), (4,), (5, 4), (2 * (1 << 15) + 7,), (3,)]
+    base = [torch.randn(s, dtype=dtype) for s in shapes]
+    centres = [torch.randn(s, dtype=dtype) for s in shapes]
+    scales = torch.tensor([0.5, 1.0, 1.5], dtype=dtype)
+
+    def build(ps, fuse):
+        return KOALA([{"params": ps[:3:2] + ps[3:4], "weight_decay": 0.05},
+                      {"params": ps[1:2] + ps[4:], "lr": 0.5}], variant="m", compile=False,
+                     native=native, fuse_predict=fuse)
+
+    out = []
+    for fuse in (False, True):
+        ps = [nn.Parameter(b.clone()) for b in base]
+        opt = build(ps, fuse)
+        seen = []
+        for k in range(steps):
+            if fuse and k == resume_at:
+                saved = copy.deepcopy(opt.state_dict())
+                ps = [nn.Parameter(p.detach().clone()) for p in ps]
+                opt = build(ps, fuse)
+                opt.load_state_dict(saved)
+
+            def closure():
+                seen.append([p.detach().clone() for p in ps])
+                sq = sum(((p.detach() - c) ** 2).sum() for p, c in zip(ps[:4], centres))
+                for p, c in zip(ps[:4], centres):
+                    p.grad = scales.mean() * (p.detach() - c)
+                return 0.5 * scales * sq
+            opt.step(closure)
+        out.append((opt, ps, seen))
+    return out
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("resume_at", [None, 2])
+def test_fuse_predict_measures_at_the_same_points_as_the_paper_order(native, resume_at):
+    """With fuse_predict the weights between steps are the prediction x + v, but every closure
+    (the measurement) sees exactly the weights the paper's order gives it, including after a
+    state_dict round trip in the middle of the run."""
+    if native:
+        _native_or_skip()
+    (plain, _, seen_p), (fused, ps, seen_f) = _fused_pair(native, resume_at=resume_at)
+    assert len(seen_p) == len(seen_f) == 5
+    for a, b in zip(seen_p, seen_f):
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, rtol=1e-13, atol=1e-13)
+    assert "diff_sq" in fused.state["koala"] and "diff_sq" not in plain.state["koala"]
+    if native and resume_at is None:
+        assert _used_native(fused)
+
+
+def test_fuse_predict_needs_koala_m():
+    with pytest.raises(ValueError, match="fuse_predict needs variant='m'"):
+        KOALA([nn.Parameter(torch.zeros(2))], variant="v", fuse_predict=True)
+
+
+def test_fuse_predict_runs_one_fused_kernel_per_step(monkeypatch):
+    """Every parameter with a gradient: after the first step's predict, each step is one fused
+    C-kernel pass, and the measurements equal the paper order's bit for bit."""
+    _native_or_skip()
+    from ssl_suite.optim import koala
+    calls = []
+    real = koala._Kernels.apply_predict
+    monkeypatch.setattr(koala._Kernels, "apply_predict",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    data = small_tasks.digits(flat=True)
+    torch.manual_seed(0)
+    init = small_tasks.small_mlp(hidden=16, depth=1).state_dict()
+    seen = {}
+    for fuse in (False, True):
+        model = small_tasks.small_mlp(hidden=16, depth=1)
+        model.load_state_dict(init)
+        opt = KOALAM(model.parameters(), native=True, fuse_predict=fuse)
+        seen[fuse] = []
+        for k in range(4):
+            x, y = data.x_train[k * 32:(k + 1) * 32], data.y_train[k * 32:(k + 1) * 32]
+
+            def closure():
+                seen[fuse].append([p.detach().clone() for p in model.parameters()])
+                opt.zero_grad(set_to_none=True)
+                losses = small_tasks.cross_entropy_losses(model, x, y)
+                losses.mean().backward()
+                return losses.detach()
+            opt.step(closure)
+    assert len(calls) == 4
+    for a, b in zip(seen[False], seen[True]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

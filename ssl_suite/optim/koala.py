@@ -97,10 +97,18 @@ x, v). ``v^ = kappa v`` is applied in the update's pass (``v <- kappa v - b G``)
 predict's, which saves a write of v; nothing observable changes: the closure sees x^ = x + v,
 the state after the step is the same, and a closure that raises still leaves v = kappa v. That
 is 11 memory passes over the parameters per KOALA-M step (KOALA-V: 4; fused AdamW: 7). It is
-the floor for this update without moving the next step's predict into this step's update (which
-would leave the weights at x + v after ``step()``, where e.g. BYOL's target EMA reads them): the
-predict and the update each read and write x, the gain needs all of ||g_l|| before any of g is
-applied, and v is read by both.
+the floor for this update in the paper's order: the predict and the update each read and write
+x, a layer's gain needs its ||g_l|| before any of g_l is applied, and v is read by both.
+
+``fuse_predict=True`` (KOALA-M, an option; not in the paper or the code) moves step k+1's
+element-wise predict into step k's update: one C-kernel pass (read x, g, v, x_avg; write x, v,
+x_avg; 8 passes with the reduction), or the same operations one after the other on the torch
+paths. The sequence of measurements is unchanged: every closure sees exactly the weights of the
+paper's order (bit for bit in the tests), Q and P^ are the same, and the next step only finishes
+the predict's scalar part. What changes is the state between steps: the weights hold the
+prediction x^ = x + v (and v its decayed value), not the filtered estimate x, so anything that
+reads the weights between steps (BYOL's target EMA, checkpoints, evaluation) reads x^. The
+predict's sum ||x - x_avg||^2 waits in the state (``diff_sq``, saved in the state_dict).
 """
 
 from __future__ import annotations
@@ -147,6 +155,8 @@ class KOALA(Optimizer):
         native: the C kernels (one pass over all tensors per kernel, see the module docstring)
             for float32/float64 CPU tensors; None: from ``COMPILE_MIN_NUMEL`` elements unless
             ``compile=True``.
+        fuse_predict: KOALA-M only: the next step's predict fused into this step's update (the
+            same measurements; between steps the weights are x + v; module docstring).
     """
 
     requires_closure = True   # step() reads the closure's per-sample losses
@@ -161,7 +171,7 @@ class KOALA(Optimizer):
                  r_mode: str = "paper", target: str = "relative", wd_mode: str = "objective",
                  skip: str = "layer", skip_threshold: float = 1e-9,
                  foreach: Optional[bool] = None, compile: Optional[bool] = None,
-                 native: Optional[bool] = None):
+                 native: Optional[bool] = None, fuse_predict: bool = False):
         for name, value in dict(variant=variant, r_mode=r_mode, q_mode=q_mode, target=target,
                                 wd_mode=wd_mode, skip=skip).items():
             if value not in _CHOICES[name]:
@@ -174,6 +184,8 @@ class KOALA(Optimizer):
                   ("r", r, r is None or r > 0), ("r_beta", r_beta, 0 <= r_beta < 1),
                   ("r_init", r_init, r_init > 0), ("skip_threshold", skip_threshold,
                                                    skip_threshold >= 0)]
+        if fuse_predict and variant != "m":
+            raise ValueError("KOALA: fuse_predict needs variant='m' (KOALA-V has no predict)")
         for name, value, ok in checks:
             if not ok:
                 raise ValueError(f"KOALA: invalid {name}={value!r}"
@@ -190,6 +202,7 @@ class KOALA(Optimizer):
         self.compile, self.native = compile, native
         self._layouts: dict = {}        # C-kernel chunk tables, per list of tensors
         self._pending: Optional[_Layout] = None   # native predict done, v not yet decayed
+        self.fuse_predict = bool(fuse_predict)
         dev = self._device()
         glob = {"R": torch.tensor(self.r if self.r is not None else self.r_init, dtype=_F64,
                                   device=dev)}
@@ -230,6 +243,7 @@ class KOALA(Optimizer):
         self.__dict__.setdefault("native", None)
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("_pending", None)
+        self.__dict__.setdefault("fuse_predict", False)
 
     def _foreach(self, group: dict, ref: Tensor) -> bool:
         return group["foreach"] if group["foreach"] is not None else ref.device.type != "cpu"
@@ -250,15 +264,21 @@ class KOALA(Optimizer):
         if closure is None:
             raise ValueError("KOALA.step needs a closure that runs zero_grad/forward/backward and "
                              "returns the per-sample loss vector")
-        if self.variant == "m":
+        glob = self.state["koala"]
+        if self.variant == "m" and "diff_sq" in glob:
+            # fuse_predict: the last step's update already moved the weights to x^ = x + v
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._q_and_prior(glob, glob.pop("diff_sq"), params, self.q_mode == "paper")
+        elif self.variant == "m":
             self._predict()
         else:
-            glob = self.state["koala"]
             glob["P_prior"] = glob["P"] + self.q                        # P^ = P + Q  (eq. 31)
         try:
             with torch.enable_grad():
                 out = closure()
             self._update(protocol.sample_losses(out, "KOALA"))
+            if self.fuse_predict and "diff_sq" not in glob:   # not fused in the C kernel
+                glob["diff_sq"] = self._predict_moves()
         finally:        # a no-op unless the closure or the update raised after a native predict:
             self._finish_predict()          # then the state is the predicted one, v^ included
         return out
@@ -302,6 +322,14 @@ class KOALA(Optimizer):
     def _predict(self) -> None:
         """KOALA-M predict (Alg. 2): Q from the weight average, x <- x + v, v <- kappa v,
         P^ = F P F^T + Q."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._q_and_prior(self.state["koala"], self._predict_moves(), params,
+                          self.q_mode == "paper")
+
+    def _predict_moves(self) -> Tensor:
+        """The element-wise part of the predict: the weight average (paper q_mode), x <- x + v,
+        v <- kappa v (deferred to the update after a C-kernel predict); returns
+        sum ||x - x_avg||^2 (float64) for Q."""
         glob, paper = self.state["koala"], self.q_mode == "paper"
         b, dev = self.avg_beta, glob["P"].device
         params = [p for g in self.param_groups for p in g["params"]]
@@ -320,8 +348,7 @@ class KOALA(Optimizer):
                                                 1.0 - b if paper else 0.0, paper).to(dev)
             torch.autograd.graph.increment_version(params)
             self._pending = layout          # x^ = x + v is done; v^ = kappa v is the update's
-            self._q_and_prior(glob, diff_sq, params, paper)
-            return
+            return diff_sq
         if params and self._wants_compile(params):
             out = torch.empty(len(params), dtype=params[0].dtype, device=params[0].device)
             if _COMPILED_PREDICT([(params, vs, avgs, out, 1.0 - b if paper else 0.0,
@@ -348,9 +375,8 @@ class KOALA(Optimizer):
                     p.add_(v)
                     v.mul_(self.kappa)
             sq = torch.stack(norms).square()
-        diff_sq = (sq.to(device=dev, dtype=_F64).sum() if sq is not None
-                   else torch.zeros((), dtype=_F64, device=dev))
-        self._q_and_prior(glob, diff_sq, params, paper)
+        return (sq.to(device=dev, dtype=_F64).sum() if sq is not None
+                else torch.zeros((), dtype=_F64, device=dev))
 
     def _q_and_prior(self, glob: dict, diff_sq: Tensor, params: list, paper: bool) -> None:
         """q_x from sum ||x - x_avg||^2 (eq. 51 or the code's EMA) and P^ = F P F^T + Q."""
@@ -487,6 +513,9 @@ class KOALA(Optimizer):
             if self.q_mode == "code":
                 coefs.append(torch.where(ok, torch.full_like(S, 1.0 - self.avg_beta), zero))
         dtype = all_params[0].dtype
+        if native is not None and self._fusable(native):
+            glob["diff_sq"] = self._apply_native_fused(native, coefs, dtype, dev)
+            return
         if native is not None:
             self._apply_native(native, coefs, dtype)
             return
@@ -523,20 +552,48 @@ class KOALA(Optimizer):
         layout.prepare(grads, group_wd, not (self.variant == "v" and self.wd_mode == "code"))
         return layout
 
-    def _apply_native(self, layout: "_Layout", coefs: list, dtype) -> None:
-        momentum = self.variant == "m"
-        kappa = self.kappa if self._pending is not None else 1.0   # 1: v^ already decayed
-        lerp = momentum and self.q_mode == "code"
+    def _native_cols(self, layout: "_Layout", coefs: list, dtype) -> Tensor:
+        """The [5, n] coefficient table of the C kernels (zeros for tensors without a grad)."""
         cols = torch.stack(coefs + [torch.zeros_like(coefs[0])] * (5 - len(coefs))).to(dtype)
         if layout.rows is not None:                 # parameters without a gradient: zeros
             full = cols.new_zeros(5, len(layout.params))
             full[:, layout.rows] = cols
             cols = full
+        return cols.contiguous()
+
+    def _fusable(self, layout: "_Layout") -> bool:
+        """``fuse_predict`` in one C-kernel pass: paper q_mode, the layout covers every
+        parameter, velocities and averages contiguous."""
+        if not (self.fuse_predict and self.q_mode == "paper"):
+            return False
+        n = sum(len(g["params"]) for g in self.param_groups)
+        return len(layout.params) == n and all(
+            self.state[p]["velocity"].is_contiguous() and self.state[p]["x_avg"].is_contiguous()
+            for p in layout.params)
+
+    def _apply_native_fused(self, layout: "_Layout", coefs: list, dtype, dev) -> Tensor:
+        """The update and the next step's predict in one pass (``fuse_predict``); returns
+        sum ||x - x_avg||^2 for the next step's Q."""
+        kappa_in = self.kappa if self._pending is not None else 1.0
+        params = layout.params
+        vs = [self.state[p]["velocity"] for p in params]
+        avgs = [self.state[p]["x_avg"] for p in params]
+        diff_sq = _native_kernels().apply_predict(layout, params, vs, avgs,
+                                                  self._native_cols(layout, coefs, dtype),
+                                                  kappa_in, self.kappa, 1.0 - self.avg_beta)
+        self._pending = None
+        torch.autograd.graph.increment_version(params)
+        return diff_sq.to(dev)
+
+    def _apply_native(self, layout: "_Layout", coefs: list, dtype) -> None:
+        momentum = self.variant == "m"
+        kappa = self.kappa if self._pending is not None else 1.0   # 1: v^ already decayed
+        lerp = momentum and self.q_mode == "code"
+        cols = self._native_cols(layout, coefs, dtype)
         params = layout.params
         vs = [self.state[p]["velocity"] for p in params] if momentum else None
         avgs = [self.state[p]["x_avg"] for p in params] if lerp else None
-        _native_kernels().apply(layout, params, vs, avgs, cols.contiguous(), kappa, momentum,
-                                lerp)
+        _native_kernels().apply(layout, params, vs, avgs, cols, kappa, momentum, lerp)
         self._pending = None
         torch.autograd.graph.increment_version(params)
 
@@ -779,6 +836,65 @@ void koala_apply_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g
         }
     }
 }
+
+/* KOALA-M update fused with the next step's predict (fuse_predict=True, paper q_mode): per
+   element, in the order of apply then predict:
+     v' = kin v + (-b) g [+ (-b wd) x];  x' = [shrink] x + (-a) g        (the update)
+     d = x' - a; sum d^2; a <- a + w d;  x <- x' + v';  v <- kout v'       (the predict)
+   A tensor with g[t] NULL gets the predict only (x' = x, v' = kin v). *out = sum d^2. */
+void koala_apply_predict_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g,
+                              $S* const* v, $S* const* a, const $S* coef, const uint8_t* wd,
+                              int64_t ntensor, double kin, double kout, double w,
+                              double* part, double* out, int nt) {
+    const $S ki = ($S)kin, ko = ($S)kout, ws = ($S)w;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1], n = ch[3 * c + 2];
+        $S* restrict xp = x[t] + off;
+        $S* restrict vp = v[t] + off;
+        $S* restrict ap = a[t] + off;
+        double acc[ACC] = {0};
+        const $S s = coef[t], na = coef[ntensor + t];
+        const $S nb = coef[2 * ntensor + t], nbw = coef[3 * ntensor + t];
+        const $S* restrict gp = g[t] != NULL ? g[t] + off : NULL;
+        /* BODY(j): element i + j; XN and VI are the update's x' and v' */
+#define KP_TAIL(j, XN, VI) {                                              \
+            const $S ai = ap[i + (j)], d = (XN) - ai;                     \
+            acc[j] += (double)d * (double)d;                              \
+            ap[i + (j)] = ai + ws * d;                                    \
+            xp[i + (j)] = (XN) + (VI);                                    \
+            vp[i + (j)] = (VI) * ko; }
+#define KP_LOOP(STEP)                                                     \
+        { int64_t i = 0;                                                  \
+          for (; i + ACC <= n; i += ACC)                                  \
+              for (int j = 0; j < ACC; j++) STEP(j)                       \
+          for (; i < n; i++) { const int j0 = 0; STEP(j0) } }
+#define KP_WD(j) { const $S xi = xp[i + (j)], gi = gp[i + (j)];           \
+            $S vi = vp[i + (j)] * ki; vi = vi + nb * gi; vi = vi + nbw * xi; \
+            const $S xs = xi * s; const $S xn = xs + na * gi;            \
+            KP_TAIL(j, xn, vi) }
+#define KP_G(j) { const $S gi = gp[i + (j)];                              \
+            $S vi = vp[i + (j)] * ki; vi = vi + nb * gi;                  \
+            const $S xn = xp[i + (j)] + na * gi;                          \
+            KP_TAIL(j, xn, vi) }
+#define KP_NOG(j) { const $S vi = vp[i + (j)] * ki, xn = xp[i + (j)];     \
+            KP_TAIL(j, xn, vi) }
+        if (gp != NULL && wd[t]) KP_LOOP(KP_WD)
+        else if (gp != NULL) KP_LOOP(KP_G)
+        else KP_LOOP(KP_NOG)
+#undef KP_TAIL
+#undef KP_LOOP
+#undef KP_WD
+#undef KP_G
+#undef KP_NOG
+        double sum = 0.0;
+        for (int j = 0; j < ACC; j++) sum += acc[j];
+        part[c] = sum;
+    }
+    double sum = 0.0;
+    for (int64_t c = 0; c < nch; c++) sum += part[c];
+    *out = sum;
+}
 """
 
 
@@ -843,10 +959,12 @@ class _Kernels:
         vp, i64, f64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         self._fn = {}
         for dtype, suf in ((torch.float32, "f32"), (torch.float64, "f64")):
-            fns = tuple(getattr(lib, f"koala_{k}_{suf}") for k in ("predict", "reduce", "apply"))
+            fns = tuple(getattr(lib, f"koala_{k}_{suf}")
+                        for k in ("predict", "reduce", "apply", "apply_predict"))
             fns[0].argtypes = [i64, vp, vp, vp, vp, vp, vp, f64, ci, ci]
             fns[1].argtypes = [i64, vp, vp, vp, vp, vp, vp, i64, ci]
             fns[2].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, ci, ci, ci]
+            fns[3].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, f64, f64, vp, vp, ci]
             for fn in fns:
                 fn.restype = None
             self._fn[dtype] = fns
@@ -884,6 +1002,21 @@ class _Kernels:
             coefs.data_ptr(), layout.wd_app.data_ptr(), len(xs), kappa, int(momentum),
             int(lerp), torch.get_num_threads())
         layout.grads = layout.pg = layout.px = None
+
+    def apply_predict(self, layout: _Layout, xs: list, vs: list, avgs: list, coefs: Tensor,
+                      kappa_in: float, kappa_out: float, w: float) -> Tensor:
+        """The KOALA-M update fused with the next predict (see the C source), in place; returns
+        sum ||x' - x_avg||^2 (float64, before the average moves)."""
+        out = torch.zeros((), dtype=_F64)
+        px = layout.px if xs is layout.params else _ptrs(xs)
+        pv, pa = _ptrs(vs), _ptrs(avgs)         # kept alive for the call
+        self._fn[layout.dtype][3](
+            layout.nch, layout.chunks.data_ptr(), px.data_ptr(), layout.pg.data_ptr(),
+            pv.data_ptr(), pa.data_ptr(), coefs.data_ptr(),
+            layout.wd_app.data_ptr(), len(layout.params), kappa_in, kappa_out, w,
+            layout.part.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        layout.grads = layout.pg = layout.px = None
+        return out
 
 
 _NATIVE: dict = {}               # "kernels": _Kernels | None once tried, "error": why not
@@ -952,6 +1085,21 @@ def _self_check(k: _Kernels) -> None:
                 ok = ok and torch.allclose(as_[t], ref_a, **tol)
                 if not ok:
                     raise RuntimeError(f"self-check failed (apply, {dtype})")
+        # the fused update + predict against apply, then predict, then v <- kappa v
+        layout.prepare(gs, [True, False], True)
+        xs_, vs_, as_ = ([t.clone() for t in ts] for ts in (x0, v0, a0))
+        fused = k.apply_predict(layout, xs_, vs_, as_, coefs, 0.9, 0.8, 0.1).item()
+        layout.prepare(gs, [True, False], True)
+        xr, vr, ar = ([t.clone() for t in ts] for ts in (x0, v0, a0))
+        k.apply(layout, xr, vr, None, coefs, 0.9, True, False)
+        ref = k.predict(layout, xr, vr, ar, 0.1, True).item()
+        ok = abs(fused - ref) <= 1e-12 * max(ref, 1e-300)
+        for t in range(len(xs)):
+            ok = ok and torch.allclose(xs_[t], xr[t], **tol)
+            ok = ok and torch.allclose(vs_[t], vr[t] * 0.8, **tol)
+            ok = ok and torch.allclose(as_[t], ar[t], **tol)
+        if not ok:
+            raise RuntimeError(f"self-check failed (apply_predict, {dtype})")
 
 
 def _native_kernels() -> Optional[_Kernels]:
@@ -1035,10 +1183,10 @@ class KOALAM(KOALA):
                  r_init: float = 1.0, r_mode: str = "paper", target: str = "relative",
                  wd_mode: str = "objective", skip: str = "layer", skip_threshold: float = 1e-9,
                  foreach: Optional[bool] = None, compile: Optional[bool] = None,
-                 native: Optional[bool] = None):
+                 native: Optional[bool] = None, fuse_predict: bool = False):
         super().__init__(params, lr=lr, variant="m", weight_decay=weight_decay, sw=sw, sc=sc,
                          sv=sv, kappa=kappa, qw=qw, qv=qv, q_mode=q_mode, avg_beta=avg_beta,
                          q_beta=q_beta, r=r, r_beta=r_beta, r_init=r_init, r_mode=r_mode,
                          target=target, wd_mode=wd_mode, skip=skip,
                          skip_threshold=skip_threshold, foreach=foreach, compile=compile,
-                         native=native)
+                         native=native, fuse_predict=fuse_predict)
