@@ -358,32 +358,46 @@ def _used_native(opt):
     return any(layout is not None for layout in opt._layouts.values())
 
 
-def _run_paths(kwargs, steps=4, dtype=D, raise_at=None):
-    """The same KOALA run on the torch per-tensor path and on the C kernels: per-sample losses
-    s_i / 2 ||x - c||^2 over two groups (one with weight decay), a tensor of several kernel
-    chunks, and a parameter that never gets a gradient; returns (optimizer, parameters, the
-    weights each closure saw) for both."""
+def _problem(dtype):
+    """Per-sample losses s_i / 2 ||x - c||^2 over five tensors: (initial weights, centres,
+    scales s_i). Tensor 3 spans several kernel chunks; tensor 4 never gets a gradient."""
     torch.manual_seed(3)
     shapes = [(4, 3, 3, 3), (4,), (5, 4), (2 * (1 << 15) + 7,), (3,)]
     base = [torch.randn(s, dtype=dtype) for s in shapes]
     centres = [torch.randn(s, dtype=dtype) for s in shapes]
-    scales = torch.tensor([0.5, 1.0, 1.5], dtype=dtype)
+    return base, centres, torch.tensor([0.5, 1.0, 1.5], dtype=dtype)
+
+
+def _groups(ps):
+    """Two groups: one with weight decay, one with its own lr."""
+    return [{"params": ps[:3:2] + ps[3:4], "weight_decay": 0.05},
+            {"params": ps[1:2] + ps[4:], "lr": 0.5}]
+
+
+def _problem_closure(ps, centres, scales, seen, fail=False):
+    """Records the weights it sees, sets the gradients of the mean loss, returns the losses."""
+    def closure():
+        seen.append([p.detach().clone() for p in ps])
+        if fail:
+            raise RuntimeError("closure failed")
+        sq = sum(((p.detach() - c) ** 2).sum() for p, c in zip(ps[:4], centres))
+        for p, c in zip(ps[:4], centres):                    # ps[4]: never a gradient
+            p.grad = scales.mean() * (p.detach() - c)
+        return 0.5 * scales * sq
+    return closure
+
+
+def _run_paths(kwargs, steps=4, dtype=D, raise_at=None):
+    """The same KOALA run on the torch per-tensor path and on the C kernels (``_problem``);
+    returns (optimizer, parameters, the weights each closure saw) for both."""
+    base, centres, scales = _problem(dtype)
     runs = []
     for native in (False, True):
         ps = [nn.Parameter(b.clone()) for b in base]
-        opt = KOALA([{"params": ps[:3:2] + ps[3:4], "weight_decay": 0.05},
-                     {"params": ps[1:2] + ps[4:], "lr": 0.5}],
-                    compile=False, native=native, **kwargs)
+        opt = KOALA(_groups(ps), compile=False, native=native, **kwargs)
         seen = []
         for k in range(steps):
-            def closure():
-                seen.append([p.detach().clone() for p in ps])
-                if k == raise_at:
-                    raise RuntimeError("closure failed")
-                sq = sum(((p.detach() - c) ** 2).sum() for p, c in zip(ps[:4], centres))
-                for p, c in zip(ps[:4], centres):            # ps[4]: never a gradient
-                    p.grad = scales.mean() * (p.detach() - c)
-                return 0.5 * scales * sq
+            closure = _problem_closure(ps, centres, scales, seen, fail=k == raise_at)
             try:
                 opt.step(closure)
             except RuntimeError:
@@ -476,20 +490,13 @@ def test_native_unavailable_falls_back_to_torch(monkeypatch):
 
 # (9) fuse_predict: the next step's predict inside this step's update ---------------------------
 def _fused_pair(native, steps=5, dtype=D, resume_at=None):
-    """Default KOALA-M and fuse_predict=True on the same problem as ``_run_paths`` (two groups,
-    weight decay on one, a tensor of several kernel chunks, a parameter without a gradient);
-    the weights every closure saw, for both. ``resume_at``: the fused run is rebuilt from its
-    state_dict (and the weights) after that many steps."""
-    torch.manual_seed(3)
-    shapes = [(4, 3, 3, 3), (4,), (5, 4), (2 * (1 << 15) + 7,), (3,)]
-    base = [torch.randn(s, dtype=dtype) for s in shapes]
-    centres = [torch.randn(s, dtype=dtype) for s in shapes]
-    scales = torch.tensor([0.5, 1.0, 1.5], dtype=dtype)
+    """Default KOALA-M and fuse_predict=True on ``_problem``; the weights every closure saw, for
+    both. ``resume_at``: the fused run is rebuilt from its state_dict (and the weights) after
+    that many steps."""
+    base, centres, scales = _problem(dtype)
 
     def build(ps, fuse):
-        return KOALA([{"params": ps[:3:2] + ps[3:4], "weight_decay": 0.05},
-                      {"params": ps[1:2] + ps[4:], "lr": 0.5}], variant="m", compile=False,
-                     native=native, fuse_predict=fuse)
+        return KOALA(_groups(ps), variant="m", compile=False, native=native, fuse_predict=fuse)
 
     out = []
     for fuse in (False, True):
@@ -502,14 +509,7 @@ def _fused_pair(native, steps=5, dtype=D, resume_at=None):
                 ps = [nn.Parameter(p.detach().clone()) for p in ps]
                 opt = build(ps, fuse)
                 opt.load_state_dict(saved)
-
-            def closure():
-                seen.append([p.detach().clone() for p in ps])
-                sq = sum(((p.detach() - c) ** 2).sum() for p, c in zip(ps[:4], centres))
-                for p, c in zip(ps[:4], centres):
-                    p.grad = scales.mean() * (p.detach() - c)
-                return 0.5 * scales * sq
-            opt.step(closure)
+            opt.step(_problem_closure(ps, centres, scales, seen))
         out.append((opt, ps, seen))
     return out
 

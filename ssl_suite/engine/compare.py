@@ -62,6 +62,7 @@ from ..config import (Config, ConfigError, EvalConfig, _f, _sub, build_config, l
                       read_yaml, to_dict)
 from ..errors import NonFiniteLossError, SSLSuiteError
 from .metrics import read_metrics
+from .eval_common import eval_config_for
 
 SPEC_FILE = "compare_spec.json"
 RESULT_FILE = "compare_result.json"
@@ -177,19 +178,6 @@ def load_compare_config(path: str | Path) -> CompareConfig:
     return cc
 
 
-def _eval_config(run_cfg: Config, path: Optional[str], overrides: list[str]) -> EvalConfig:
-    """The evaluation config as ``ssl-suite linear-eval --run`` builds it
-    (:func:`ssl_suite.engine.eval_common.eval_config`), from the run's config in memory."""
-    raw: dict = {"data": to_dict(run_cfg.data), "seed": run_cfg.seed}
-    if path is not None:
-        for key, value in read_yaml(path).items():
-            if key == "data" and isinstance(value, dict):
-                raw["data"] = {**raw["data"], **value}
-            else:
-                raw[key] = value
-    return build_config(raw, overrides, cls=EvalConfig)
-
-
 def _check_optimizer(cfg: Config) -> None:
     """Build the run's optimizer over a tiny module: an unknown name or constructor keyword is
     found now, not after the other runs (other construction problems are left to the run)."""
@@ -258,7 +246,7 @@ def plan_runs(cc: CompareConfig, cli_overrides: Sequence[str] = (),
                                       cfg.sparsity.enabled, wrs=cfg.optim.wrs,
                                       log_elr=cfg.train.log_elr)
                     _check_optimizer(cfg)
-                eval_cfg = _eval_config(cfg, cc.eval.config,
+                eval_cfg = eval_config_for(cfg, cc.eval.config,
                                         list(cc.eval.overrides) + ["progress=false"])
             except ConfigError as e:
                 raise ConfigError(f"algorithms[{a.name}]: {e}") from None
@@ -387,7 +375,7 @@ def child_main(run_dir: str) -> int:
         from .linear_eval import linear_eval
         from .runs import run_config
         run_cfg = run_config(rdir)
-        eval_cfg = _eval_config(run_cfg, spec["eval_config"], spec["eval_overrides"])
+        eval_cfg = eval_config_for(run_cfg, spec["eval_config"], spec["eval_overrides"])
         res = linear_eval(str(rdir), eval_cfg, run_cfg)
         rec.update(status="done", stage="eval", eval_config=to_dict(eval_cfg),
                    linear={"top1": res["top1"], "top5": res["top5"], "lr": res["lr"]})

@@ -28,9 +28,15 @@ RESULT_COLUMNS = ["job", "dataset", "backbone", "epochs", "protocol", "metric", 
 
 
 def eval_config(run_dir: str, path: Optional[str], overrides: Optional[list[str]]) -> tuple[EvalConfig, Config]:
-    """The evaluation config: the run's ``data`` section and seed, then the YAML file's keys
-    (its ``data`` keys update the run's), then ``key=value`` overrides."""
+    """(:func:`eval_config_for` the run saved in ``run_dir``, that run's config)."""
     run_cfg = run_config(run_dir)
+    return eval_config_for(run_cfg, path, overrides), run_cfg
+
+
+def eval_config_for(run_cfg: Config, path: Optional[str],
+                    overrides: Optional[list[str]]) -> EvalConfig:
+    """The evaluation config of a run: its ``data`` section and seed, then the YAML file's keys
+    (its ``data`` keys update the run's), then ``key=value`` overrides."""
     raw: dict = {"data": to_dict(run_cfg.data), "seed": run_cfg.seed}
     if path is not None:
         loaded = read_yaml(path)
@@ -39,7 +45,7 @@ def eval_config(run_dir: str, path: Optional[str], overrides: Optional[list[str]
                 raw["data"] = {**raw["data"], **value}
             else:
                 raw[key] = value
-    return build_config(raw, overrides, cls=EvalConfig), run_cfg
+    return build_config(raw, overrides, cls=EvalConfig)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..optim import protocol
 from . import phases
 from .eval_common import (append_results, crop_flip_view, eval_data, eval_optimizer, result_rows,
                           topk_correct)
-from .pretrain import average_buffers, make_accelerator
+from .pretrain import average_buffers, make_accelerator, seeded_views
 from .runs import load_encoder
 
 log = logging.getLogger("ssl_suite")
@@ -93,10 +93,9 @@ def finetune(run_dir: str, cfg: EvalConfig, run_cfg: Config, random_init: bool =
         while True:
             idx = torch.randint(n, (min(batch, n),), generator=g)
             images, labels = take(labelled, idx)
-            with torch.random.fork_rng():
-                torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
-                x = (view(images.to(device)) - mean) / std
-            yield x, labels.to(device)
+            x = seeded_views(view, images.to(device), int(torch.randint(2**31, (1,), generator=g)),
+                             device)
+            yield (x - mean) / std, labels.to(device)
 
     def train(lr: float) -> nn.Module:
         encoder, _ = load_encoder(run_dir, random_init=random_init)

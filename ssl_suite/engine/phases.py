@@ -76,10 +76,10 @@ def run_gradinit(model: nn.Module, loss_fn, batches: Iterator, cfg: GradInitConf
         vec = reduce(torch.tensor(list(scales.values()), dtype=torch.float64))
         scales = dict(zip(scales, vec.tolist()))
     fold_scales(model, scales)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     for other in also:
-        own = dict(other.named_parameters())
-        fold_scales(other, {n: m for n, m in scales.items() if n in own and
-                            own[n].shape == dict(model.named_parameters())[n].shape})
+        own = {n: p.shape for n, p in other.named_parameters()}
+        fold_scales(other, {n: m for n, m in scales.items() if own.get(n) == shapes[n]})
     branches = [h["branch"] for h in history]
     log.info("GradInit (%s, lr %.3g, %d steps, %d on the gradient-norm constraint): %d "
              "multipliers in [%.3g, %.3g]", algo, lr, len(history),
@@ -353,9 +353,12 @@ class Sparsity:
         return self.cfg.weight * scl_regularizer(self.model, normalize=self.cfg.normalize)
 
     def report(self) -> dict[str, float]:
-        from ..models.scl import global_sparsity, sparsity_report
+        """``global`` (pruned fraction over all masked weights) and the fraction per layer."""
+        from ..models.scl import scl_layers, sparsity_report
         per_layer = sparsity_report(self.model)
-        return {"global": global_sparsity(self.model), **per_layer}
+        sizes = {n: m.weight.numel() for n, m in scl_layers(self.model).items()}
+        pruned = sum(per_layer[n] * sizes[n] for n in per_layer)
+        return {"global": pruned / max(sum(sizes.values()), 1), **per_layer}
 
     @staticmethod
     def cached():

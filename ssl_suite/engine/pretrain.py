@@ -407,10 +407,10 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
                             q1, q2 = online(v1, v2)
                             z1, z2 = target(v1), target(v2)
                         losses = byol_loss(q1, q2, z1, z2, reduction="none")
-                        objective = losses.mean()
-                        if sparsity is not None:   # SCL: lambda * R
+                        objective = losses.mean() / accum
+                        if sparsity is not None and i == 0:   # SCL: lambda * R, once a step
                             objective = objective + sparsity.penalty()
-                        protocol.backward(optimizer, objective / accum, accelerator)
+                        protocol.backward(optimizer, objective, accelerator)
                     per_image.append(losses.detach())
                 losses = torch.cat(per_image)
                 holder.setdefault("loss", losses.mean())   # the planned batch's loss is logged
@@ -487,6 +487,15 @@ def pretrain(cfg: Config, resume_dir: Optional[str] = None,
     return PretrainResult(run_dir, total_steps, knn_init, knn_final, last_loss, raw_online, target)
 
 
+def seeded_views(transform, images: torch.Tensor, seed: int, device: torch.device):
+    """``transform(images)`` without gradients under its own RNG stream seeded by ``seed`` (the
+    run's global streams untouched): the same views on every process and in every resume."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return transform(images)
+
+
 def _weight_norm_init(online, target, cfg: Config, data, n: int, device) -> None:
     """Salimans & Kingma's data-dependent initialisation (§3) of the weight-normalised networks
     from one batch of ``n`` pretraining images (a micro-batch) and their views T, T', drawn from
@@ -499,10 +508,7 @@ def _weight_norm_init(online, target, cfg: Config, data, n: int, device) -> None
     idx = torch.randperm(len(data.pretrain), generator=g)[:n]
     images = take(data.pretrain, idx)[0].to(device)
     augment = BYOLAugment(cfg.augment, data.mean, data.std).to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed * 7_919 + 5)
-        with torch.no_grad():
-            v1, v2 = augment(images)
+    v1, v2 = seeded_views(augment, images, cfg.seed * 7_919 + 5, device)
     online.to(device).train()
     data_dependent_init(online, lambda: online(v1, v2))
     if cfg.model.target_init == "copy" or cfg.model.pretrained:
@@ -536,12 +542,11 @@ def _gradinit(online, target, cfg: Config, data, n: int, accelerator, out_path) 
         while True:
             idx = torch.randperm(len(data.pretrain), generator=g)[:size]
             images = take(data.pretrain, idx)[0].to(device)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
-                with torch.no_grad(), batch_statistics_only(target):
-                    v1, v2 = augment(images)
-                    batch = v1, v2, target(v1), target(v2)
-            yield batch   # outside no_grad: a suspended generator would keep grad mode off
+            v1, v2 = seeded_views(augment, images, int(torch.randint(2**31, (1,), generator=g)),
+                                  device)
+            with torch.no_grad(), batch_statistics_only(target):
+                z1, z2 = target(v1), target(v2)
+            yield v1, v2, z1, z2   # outside no_grad: a suspended generator would keep it off
 
     def loss_fn(model, batch):
         v1, v2, z1, z2 = batch
@@ -581,10 +586,7 @@ def _lanczos_scheduler(optimizer, cfg: Config, online, target, augment, dataset,
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)
     idx = torch.randint(len(dataset), (sc.lanczos_images,), generator=g)
     images = take(dataset, idx)[0].to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed * 7_919 + 29)
-        with torch.no_grad():
-            v1, v2 = augment(images)
+    v1, v2 = seeded_views(augment, images, cfg.seed * 7_919 + 29, device)
     params = [p for grp in optimizer.param_groups for p in grp["params"] if p.requires_grad]
 
     def estimate():

@@ -199,12 +199,10 @@ def _add_outer(layer: "_Layer", g: Tensor, kernels: Optional["_Kernels"] = None)
     faults here and unmapping in the step."""
     if kernels is not None and g.shape[-1] <= _OUTER_C_MAX_D and _Kernels.usable(g) and (
             layer.acc is None or _Kernels.usable(g, layer.acc)):
-        acc = layer.acc
-        if acc is None:
-            acc = _spare(layer, (g.shape[1], g.shape[2], g.shape[2]), g)
-            if acc is not None:
-                acc.zero_()
-        layer.acc = kernels.outer(g, acc)
+        if layer.acc is not None:
+            layer.acc = kernels.outer(g, layer.acc, accumulate=True)
+        else:   # the spare buffer is overwritten, not zeroed first
+            layer.acc = kernels.outer(g, _spare(layer, (g.shape[1], g.shape[2], g.shape[2]), g))
         return
     a, b = g.permute(1, 2, 0), g.permute(1, 0, 2)                      # [P, d, n], [P, n, d]
     if layer.acc is not None:
@@ -1273,12 +1271,13 @@ class _Kernels:
                                   torch.get_num_threads())
         return out, info                                # info: the first P entries are set
 
-    def outer(self, g: Tensor, acc: Optional[Tensor]) -> Tensor:
-        """``acc += sum_n g_n g_n^T`` per block for ``g`` [n, P, d] (contiguous); ``acc`` None:
-        a new [P, d, d] tensor. Returns it."""
+    def outer(self, g: Tensor, acc: Optional[Tensor], accumulate: bool = False) -> Tensor:
+        """``acc (+)= sum_n g_n g_n^T`` per block for ``g`` [n, P, d] (contiguous): added to
+        ``acc`` with ``accumulate``, else written into it (a new [P, d, d] tensor if None).
+        Returns it."""
         n, P, d = g.shape
-        first = acc is None
-        if first:
+        first = not accumulate
+        if acc is None:
             acc = g.new_empty(P, d, d)
         self._fn[g.dtype][3](_ptr(g), _ptr(acc), n, P, d, int(first), torch.get_num_threads())
         return acc
@@ -1333,8 +1332,8 @@ def _self_check(k: _Kernels) -> None:
         for d in (1, 9, 12):
             gs = torch.randn(5, 7, d, generator=g, dtype=torch.float64)
             ref = torch.einsum("npi,npj->pij", gs, gs)
-            acc = k.outer(gs[:3].to(dtype).contiguous(), None)
-            acc = k.outer(gs[3:].to(dtype).contiguous(), acc)
+            acc = k.outer(gs[:3].to(dtype).contiguous(), torch.full((7, d, d), 9.0, dtype=dtype))
+            acc = k.outer(gs[3:].to(dtype).contiguous(), acc, accumulate=True)
             tol = 1e-4 if dtype == torch.float32 else 1e-12
             if not torch.allclose(acc.double(), ref, rtol=tol, atol=tol):
                 raise RuntimeError(f"self-check failed (outer, d={d}, {dtype})")
