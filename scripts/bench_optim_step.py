@@ -142,12 +142,23 @@ def _primed(entry: Entry, name: str, lr: float, weight_decay: float):
             for k, v in saved.items():
                 saved[k] = v.clone() if isinstance(v, torch.Tensor) else v
 
+        def restore(layer, k, v):
+            """A copy of ``v``; MBF's per-block sums go into the layer's spare buffer, as its
+            hooks write them (a fresh clone would make the step free the last one, a cost
+            training does not have)."""
+            spare = getattr(layer, "spare", None) if k == "acc" else None
+            if spare is not None and spare.shape == v.shape and spare.dtype == v.dtype:
+                layer.spare = None
+                return spare.copy_(v)
+            return v.clone()
+
         def prepare():
             if name == "mbf" and opt._k % opt.t_cov != 0:
                 return
             for layer, saved in snap:
                 for k, v in saved.items():
-                    setattr(layer, k, v.clone() if isinstance(v, torch.Tensor) else v)
+                    setattr(layer, k, restore(layer, k, v) if isinstance(v, torch.Tensor)
+                            else v)
         entry.prepare = prepare
         return opt
     return build
@@ -155,7 +166,7 @@ def _primed(entry: Entry, name: str, lr: float, weight_decay: float):
 
 def _koala(entry: Entry, name: str, **kwargs):
     """KOALA reads the per-sample losses the closure returns; here a fixed vector of 256.
-    ``kwargs`` go to the optimizer (``fuse_predict=True``)."""
+    ``kwargs`` go to the optimizer (``fuse_predict=True``, ``predict_buffer=False``)."""
     losses = torch.rand(256, generator=torch.Generator().manual_seed(2)) + 1.0
 
     def build(model):
@@ -178,6 +189,9 @@ def _part2() -> list[Entry]:
     e = Entry("ours koalam fuse_predict", None, ours=True, target=1.5)
     e.build = _koala(e, "koalam", fuse_predict=True)
     out.insert(3, e)
+    e = Entry("ours koalam in place (info)", None)          # predict_buffer=False
+    e.build = _koala(e, "koalam", predict_buffer=False)
+    out.insert(4, e)
     return out
 
 
@@ -300,6 +314,7 @@ TRAIN_STEP = [
     ("ours koalav", "koalav", 1.0, 5e-4, {}, 1.1),
     ("ours koalam", "koalam", 1.0, 5e-4, {}, 1.1),
     ("ours koalam fuse_predict", "koalam", 1.0, 5e-4, {"fuse_predict": True}, 1.1),
+    ("ours koalam in place (info)", "koalam", 1.0, 5e-4, {"predict_buffer": False}, None),
     ("ours svi (base sgd momentum)", "svi_momentum", 0.1, 5e-4, {}, 2.0),
     ("ours mbf", "mbf", 0.01, 5e-4, {}, 2.0),
 ]

@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_config  # noqa: E402
 
 # names that are phases, not optimizers: GradMax growth after step 1 (DDP re-wrapped), SCL masks,
-# GradInit before the first step (multipliers averaged over the ranks)
-PHASES = {"gradmax": {"growth.enabled": "true", "growth.start_epoch": 1 / 44,
+# GradInit before the first step (multipliers averaged over the ranks); and KOALA-M on its C
+# kernels, whose predict buffer is swapped in as the weights' storage under DDP
+PHASES = {"koalam_native": {"optim.name": "koalam", "optim.kwargs": {"native": True}},
+          "gradmax": {"growth.enabled": "true", "growth.start_epoch": 1 / 44,
                       "growth.n_growths": 1, "growth.start_fraction": 0.5},
           "scl": {"sparsity.enabled": "true", "sparsity.weight": 0.5, "sparsity.mask_lr": 0.5},
           "gradinit": {"init.gradinit.enabled": "true", "init.gradinit.steps": 2}}

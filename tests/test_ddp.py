@@ -46,10 +46,11 @@ def test_two_process_run_splits_batch_and_agrees(tmp_path):
         assert sorted(local[0] + local[1]) == sorted(rec[0]["global"])
 
 
-@pytest.mark.parametrize("names", [["nsgd", "koalam", "mbf", "svi_momentum"],
+@pytest.mark.parametrize("names", [["nsgd", "koalam", "koalam_native", "mbf", "svi_momentum"],
                                    ["gradmax", "scl", "gradinit"]])
 def test_two_process_runs_with_hooked_and_closure_optimizers(tmp_path, names):
-    """NSGD's input hooks, KOALA's per-sample losses (all-reduced), MBF's per-sample statistics
+    """NSGD's input hooks, KOALA's per-sample losses (all-reduced; on the C kernels with the
+    predict buffer swapped in as the weights' storage), MBF's per-sample statistics
     and SVI's replaced backward under DDP; and the phases: GradMax growth (M averaged over the
     ranks, DDP re-wrapped), SCL masks, GradInit: both ranks end with the same weights, and the
     weights moved."""

@@ -426,10 +426,16 @@ def test_native_kernels_match_torch_path(kwargs):
         assert torch.allclose(eager.state["koala"][key], native.state["koala"][key],
                               rtol=1e-12, atol=0)
     if kwargs["variant"] == "m":
+        ahead = "avg_ahead" in native.state["koala"]        # the predict buffer's update
+        assert ahead == (kwargs.get("q_mode", "paper") == "paper"    # has moved the average
+                         and kwargs.get("skip", "layer") == "layer")
         for x, y in zip(p_e, p_n):
-            for key in ("velocity", "x_avg"):
-                assert torch.allclose(eager.state[x][key], native.state[y][key], rtol=1e-12,
-                                      atol=1e-14)
+            a = eager.state[x]["x_avg"]
+            if ahead:
+                a = a + (1.0 - 0.9) * (x.detach() - a)
+            assert torch.allclose(a, native.state[y]["x_avg"], rtol=1e-12, atol=1e-14)
+            assert torch.allclose(eager.state[x]["velocity"], native.state[y]["velocity"],
+                                  rtol=1e-12, atol=1e-14)
 
 
 def test_native_float32_and_closure_failure():
@@ -496,7 +502,8 @@ def _fused_pair(native, steps=5, dtype=D, resume_at=None):
     base, centres, scales = _problem(dtype)
 
     def build(ps, fuse):
-        return KOALA(_groups(ps), variant="m", compile=False, native=native, fuse_predict=fuse)
+        return KOALA(_groups(ps), variant="m", compile=False, native=native, fuse_predict=fuse,
+                     predict_buffer=False)
 
     out = []
     for fuse in (False, True):
@@ -543,9 +550,9 @@ def test_fuse_predict_runs_one_fused_kernel_per_step(monkeypatch):
     _native_or_skip()
     from ssl_suite.optim import koala
     calls = []
-    real = koala._Kernels.apply_predict
-    monkeypatch.setattr(koala._Kernels, "apply_predict",
-                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = koala._Kernels.update
+    monkeypatch.setattr(koala._Kernels, "update",            # flags bit 16: the fused predict
+                        lambda self, *a: calls.append(a[6] & 16) or real(self, *a))
     data = small_tasks.digits(flat=True)
     torch.manual_seed(0)
     init = small_tasks.small_mlp(hidden=16, depth=1).state_dict()
@@ -553,7 +560,7 @@ def test_fuse_predict_runs_one_fused_kernel_per_step(monkeypatch):
     for fuse in (False, True):
         model = small_tasks.small_mlp(hidden=16, depth=1)
         model.load_state_dict(init)
-        opt = KOALAM(model.parameters(), native=True, fuse_predict=fuse)
+        opt = KOALAM(model.parameters(), native=True, fuse_predict=fuse, predict_buffer=False)
         seen[fuse] = []
         for k in range(4):
             x, y = data.x_train[k * 32:(k + 1) * 32], data.y_train[k * 32:(k + 1) * 32]
@@ -565,6 +572,97 @@ def test_fuse_predict_runs_one_fused_kernel_per_step(monkeypatch):
                 losses.mean().backward()
                 return losses.detach()
             opt.step(closure)
-    assert len(calls) == 4
+    assert calls == [0] * 4 + [16] * 4          # paper order, then one fused pass per step
     for a, b in zip(seen[False], seen[True]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# (10) the predict buffer: the paper's order with x + v written by the update into a buffer ------
+def _buffer_pair(steps=7, dtype=D, resume_at=None, touch_at=None, raise_at=None):
+    """KOALA-M on the C kernels with ``predict_buffer`` off (the paper's order in place) and on,
+    on ``_problem``; for both: the weights each closure saw, the weights after each step, the
+    optimizer. ``resume_at``: the buffered run is rebuilt from its state_dict before that step;
+    ``touch_at``: both runs' weights are scaled in place before that step (as Lookahead's sync
+    would); ``raise_at``: that step's closure raises in both."""
+    base, centres, scales = _problem(dtype)
+    out = []
+    for buffered in (False, True):
+        ps = [nn.Parameter(b.clone()) for b in base]
+
+        def build(params):
+            return KOALA(_groups(params), variant="m", compile=False, native=True,
+                         predict_buffer=buffered)
+        opt, seen, after, ptrs = build(ps), [], [], []
+        for k in range(steps):
+            if k == resume_at and buffered:
+                saved = copy.deepcopy(opt.state_dict())
+                ps = [nn.Parameter(p.detach().clone()) for p in ps]
+                opt = build(ps)
+                opt.load_state_dict(saved)
+            if k == touch_at:
+                with torch.no_grad():
+                    ps[0].mul_(0.5)
+            try:
+                opt.step(_problem_closure(ps, centres, scales, seen, fail=k == raise_at))
+            except RuntimeError:
+                assert k == raise_at
+            after.append([p.detach().clone() for p in ps])
+            ptrs.append(ps[3].data_ptr())
+        out.append((opt, seen, after, ptrs))
+    return out
+
+
+@pytest.mark.parametrize("case", [{}, {"resume_at": 3}, {"raise_at": 2},
+                                  {"dtype": torch.float32}])
+def test_predict_buffer_is_the_paper_order_bit_for_bit(case):
+    """With the predict buffer the update also writes x + v into a second buffer, which the next
+    predict swaps in as the weights' storage: every closure sees, and the weights between steps
+    hold, exactly what the paper's order in place gives (x between steps, x + v in the closure),
+    bit for bit, also across a state_dict round trip (no buffer: x + v added) and after a
+    closure that raised; velocities, P and R agree too."""
+    _native_or_skip()
+    (plain, seen_p, after_p, ptr_p), (buf, seen_b, after_b, ptr_b) = _buffer_pair(**case)
+    assert len(seen_p) == len(seen_b) and len(after_p) == len(after_b) == 7
+    for a, b in list(zip(seen_p, seen_b)) + list(zip(after_p, after_b)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for p, q in zip(plain.param_groups[0]["params"], buf.param_groups[0]["params"]):
+        assert torch.equal(plain.state[p]["velocity"], buf.state[q]["velocity"])
+    for key in ("P", "R"):
+        assert torch.equal(plain.state["koala"][key], buf.state["koala"][key])
+    assert len(set(ptr_p)) == 1                         # in place: one storage
+    assert len(set(ptr_b[-3:])) == 2                    # swapped: two storages in turn
+    assert "avg_ahead" in buf.state["koala"] and "avg_ahead" not in plain.state["koala"]
+
+
+def test_predict_buffer_state_loads_into_the_torch_path():
+    """A state_dict saved between steps of a predict-buffer run (average moved, x + v pending)
+    continues on the torch per-tensor path as the C-kernel run does (up to the reductions'
+    rounding)."""
+    _native_or_skip()
+    base, centres, scales = _problem(D)
+    runs = []
+    for native in (True, False):
+        ps = [nn.Parameter(b.clone()) for b in base]
+        opt = KOALA(_groups(ps), variant="m", compile=False, native=True)
+        seen = []
+        for k in range(3):
+            opt.step(_problem_closure(ps, centres, scales, seen))
+        saved = copy.deepcopy(opt.state_dict())
+        ps = [nn.Parameter(p.detach().clone()) for p in ps]
+        opt = KOALA(_groups(ps), variant="m", compile=False, native=native)
+        opt.load_state_dict(saved)
+        for k in range(3):
+            opt.step(_problem_closure(ps, centres, scales, seen))
+        runs.append((ps, seen))
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-14) for x, y in zip(a, b))
+
+
+def test_predict_buffer_not_used_after_the_weights_changed():
+    """Weights changed in place between steps (as Lookahead's sync does): the stale buffer is
+    not swapped in, the closure sees the changed weights + v exactly as in the paper's order;
+    only the weight average and Q of that step come from the weights the update left."""
+    _native_or_skip()
+    (_, seen_p, _, _), (_, seen_b, _, ptr_b) = _buffer_pair(steps=5, touch_at=4)
+    assert all(torch.equal(x, y) for x, y in zip(seen_p[4], seen_b[4]))
+    assert ptr_b[3] == ptr_b[4]                         # no swap at the touched step

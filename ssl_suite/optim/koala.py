@@ -86,29 +86,54 @@ the experiments), ``sw=sv=0.1, sc=0`` (KOALA-M ``P_0``, ``train.py`` and class d
 ``ExpAverage``), ``avg_beta=q_beta=0.9`` (code), ``skip_threshold=1e-9`` (code ``eps``).
 The paper's CIFAR runs use ``weight_decay=5e-4`` (``train.py``) and a step schedule x0.2.
 
-Memory: KOALA-V keeps no per-parameter buffer; KOALA-M keeps ``v`` and ``x_avg`` (two, like Adam).
+Memory: KOALA-V keeps no per-parameter buffer; KOALA-M keeps ``v`` and ``x_avg`` (two, like Adam),
+and on the C kernels by default a third, the predict buffer (below).
+
 Code paths, all with the same element-wise arithmetic: per tensor (CPU default below 4M elements:
 a tensor's few ops run while it is in cache), foreach (other devices), C kernels (``native``; the
 CPU default from 4M elements, float32/float64) and ``torch.compile``'d loops (``compile=True``,
-or where the C kernels cannot be built). The C kernels make one pass over all tensors per
-kernel: KOALA-M's predict (read x, v, x_avg; write x, x_avg; sum ||x - x_avg||^2), the
-reductions (read g; and x where the group has weight decay) and the update (read x, g, v; write
-x, v). ``v^ = kappa v`` is applied in the update's pass (``v <- kappa v - b G``), not in the
-predict's, which saves a write of v; nothing observable changes: the closure sees x^ = x + v,
-the state after the step is the same, and a closure that raises still leaves v = kappa v. That
-is 11 memory passes over the parameters per KOALA-M step (KOALA-V: 4; fused AdamW: 7). It is
-the floor for this update in the paper's order: the predict and the update each read and write
-x, a layer's gain needs its ||g_l|| before any of g_l is applied, and v is read by both.
+or where the C kernels cannot be built). On the C kernels the update (``skip="layer"``) is one
+kernel that goes tensor by tensor: a tensor's reductions (its chunks split over the threads),
+its gains (:func:`_gains`'s formulas in C, operation by operation) and its update (read x, g,
+v; write x, v), so the gains need no round trip through torch; ``skip="iteration"`` needs every
+layer's norm first and runs the reductions, the gains in torch and the update as three passes.
+KOALA-M's predict in the paper's order is one more kernel (read x, v, x_avg; write x, x_avg; sum
+||x - x_avg||^2); ``v^ = kappa v`` is applied in the update's pass (``v <- kappa v - b G``),
+which saves a write of v: the closure sees x^ = x + v, the state after the step is the same, and
+a closure that raises still leaves v = kappa v. In place that is 11 memory passes over the
+parameters per KOALA-M step (KOALA-V: 4; fused AdamW: 7), the floor for this order: the predict
+and the update each read and write x, a layer's gain needs its ||g_l|| before any of g_l is
+applied, and v is read by both.
+
+``predict_buffer=True`` (KOALA-M default on the C kernels with q_mode="paper"; not in the paper
+or the code): the update's pass also does the next step's element-wise predict, writing
+x^ = x' + v' into a second weight-sized buffer (non-temporal stores: it is only written) while
+the weights keep the filtered x', v is kept undecayed, and the weight average moves and
+||x' - x_avg||^2 is taken there; the next step's predict swaps that buffer in as the weights'
+storage (``p.data``; the old storage becomes the next buffer) and only finishes the scalar part.
+That is 9 passes and one more buffer. Every closure sees, and the weights between steps hold,
+exactly what the paper's order in place gives, bit for bit (tested, also across a state_dict
+round trip, where the buffer is not saved and x + v is added instead, the same floats, and
+after a closure that raised). Where the weights were changed in place between steps (their
+version counter or storage moved: Lookahead's sync, a model's ``load_state_dict``) the stale
+buffer is not used and x + v is added to the changed weights, so the closure still sees exactly
+the paper's point, but that step's Q and the weight average come from the weights the update
+left (the paper's predict would take them after the change). The state between steps differs
+from the in-place order only in ``x_avg`` (already moved), ``diff_sq`` (the next Q's
+||x - x_avg||^2) and the marker ``avg_ahead``, all in the state_dict; any code path continues
+from it. ``predict_buffer=False``: the paper's order in place.
 
 ``fuse_predict=True`` (KOALA-M, an option; not in the paper or the code) moves step k+1's
-element-wise predict into step k's update: one C-kernel pass (read x, g, v, x_avg; write x, v,
-x_avg; 8 passes with the reduction), or the same operations one after the other on the torch
-paths. The sequence of measurements is unchanged: every closure sees exactly the weights of the
-paper's order (bit for bit in the tests), Q and P^ are the same, and the next step only finishes
-the predict's scalar part. What changes is the state between steps: the weights hold the
-prediction x^ = x + v (and v its decayed value), not the filtered estimate x, so anything that
-reads the weights between steps (BYOL's target EMA, checkpoints, evaluation) reads x^. The
-predict's sum ||x - x_avg||^2 waits in the state (``diff_sq``, saved in the state_dict).
+element-wise predict into step k's update in place: one C-kernel pass (read x, g, v, x_avg;
+write x, v, x_avg; 8 passes with the reduction, no extra buffer), or the same operations one
+after the other on the torch paths. The sequence of measurements is unchanged: every closure sees
+exactly the weights of the paper's order (bit for bit in the tests), Q and P^ are the same, and
+the next step only finishes the predict's scalar part. What changes is the state between steps:
+the weights hold the prediction x^ = x + v (and v its decayed value), not the filtered estimate
+x, so anything that reads or writes the weights between steps (BYOL's target EMA, checkpoints,
+evaluation, Lookahead's sync) meets x^: the form in which torch's SGD keeps Nesterov momentum.
+The predict's sum ||x - x_avg||^2 waits in the state (``diff_sq``, saved in the state_dict).
+It takes precedence over ``predict_buffer``.
 """
 
 from __future__ import annotations
@@ -157,6 +182,9 @@ class KOALA(Optimizer):
             ``compile=True``.
         fuse_predict: KOALA-M only: the next step's predict fused into this step's update (the
             same measurements; between steps the weights are x + v; module docstring).
+        predict_buffer: KOALA-M on the C kernels: the next step's x + v written by the update
+            into a second buffer that the predict swaps in (the paper's order bit for bit, one
+            more weight-sized buffer, 9 instead of 11 memory passes; module docstring).
     """
 
     requires_closure = True   # step() reads the closure's per-sample losses
@@ -171,7 +199,8 @@ class KOALA(Optimizer):
                  r_mode: str = "paper", target: str = "relative", wd_mode: str = "objective",
                  skip: str = "layer", skip_threshold: float = 1e-9,
                  foreach: Optional[bool] = None, compile: Optional[bool] = None,
-                 native: Optional[bool] = None, fuse_predict: bool = False):
+                 native: Optional[bool] = None, fuse_predict: bool = False,
+                 predict_buffer: bool = True):
         for name, value in dict(variant=variant, r_mode=r_mode, q_mode=q_mode, target=target,
                                 wd_mode=wd_mode, skip=skip).items():
             if value not in _CHOICES[name]:
@@ -202,7 +231,9 @@ class KOALA(Optimizer):
         self.compile, self.native = compile, native
         self._layouts: dict = {}        # C-kernel chunk tables, per list of tensors
         self._pending: Optional[_Layout] = None   # native predict done, v not yet decayed
-        self.fuse_predict = bool(fuse_predict)
+        self.fuse_predict, self.predict_buffer = bool(fuse_predict), bool(predict_buffer)
+        self._ybufs: Optional[list] = None        # the predict buffer: x + v of the next step
+        self._ystamp: list = []
         dev = self._device()
         glob = {"R": torch.tensor(self.r if self.r is not None else self.r_init, dtype=_F64,
                                   device=dev)}
@@ -230,6 +261,8 @@ class KOALA(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._ybufs, self._pending = None, None
+        self._layouts.clear()                   # they keep the replaced state's buffers
         glob = self.state.get("koala")
         if glob is None:
             raise ValueError("KOALA.load_state_dict: no 'koala' entry (not a KOALA state_dict)")
@@ -244,6 +277,9 @@ class KOALA(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("_pending", None)
         self.__dict__.setdefault("fuse_predict", False)
+        self.__dict__.setdefault("predict_buffer", True)
+        self.__dict__.setdefault("_ybufs", None)
+        self.__dict__.setdefault("_ystamp", [])
 
     def _foreach(self, group: dict, ref: Tensor) -> bool:
         return group["foreach"] if group["foreach"] is not None else ref.device.type != "cpu"
@@ -266,9 +302,13 @@ class KOALA(Optimizer):
                              "returns the per-sample loss vector")
         glob = self.state["koala"]
         if self.variant == "m" and "diff_sq" in glob:
-            # fuse_predict: the last step's update already moved the weights to x^ = x + v
+            # the last update did the predict's element-wise work: with fuse_predict it moved
+            # the weights to x^ = x + v; with the predict buffer ("avg_ahead") x^ waits in it
             params = [p for g in self.param_groups for p in g["params"]]
-            self._q_and_prior(glob, glob.pop("diff_sq"), params, self.q_mode == "paper")
+            diff_sq = glob.pop("diff_sq")
+            if glob.pop("avg_ahead", None) is not None:
+                self._move_ahead(params)
+            self._q_and_prior(glob, diff_sq, params, self.q_mode == "paper")
         elif self.variant == "m":
             self._predict()
         else:
@@ -317,7 +357,36 @@ class KOALA(Optimizer):
         """After a native predict: v <- kappa v where the update will not do it."""
         layout, self._pending = self._pending, None
         if layout is not None:
-            torch._foreach_mul_([self.state[p]["velocity"] for p in layout.params], self.kappa)
+            torch._foreach_mul_(self._bufs(layout)[0], self.kappa)
+            self._ybufs = None              # after a swap they hold the stale x
+
+    @staticmethod
+    def _stamp(params: list) -> list:
+        """What tells whether the weights were touched since the predict buffer was written."""
+        return [(p.data_ptr(), p._version) for p in params]
+
+    def _move_ahead(self, params: list) -> None:
+        """The predict's x <- x + v after a predict-buffer update (which has already moved the
+        weight average and taken ||x - x_avg||^2): the buffer, which holds x + v, is swapped in
+        as the weights' storage (the old storage becomes the next buffer), unless the weights
+        were changed since it was written (Lookahead's sync, a load_state_dict), or it is
+        missing (after a state_dict round trip): then x + v is added here, the same floats."""
+        layout = self._native_layout(params)
+        ys, self._ybufs = self._ybufs, None
+        vs = (self._bufs(layout)[0] if layout is not None
+              else [self.state[p]["velocity"] for p in params])
+        if ys is not None and layout is not None and self._ystamp == self._stamp(params):
+            olds = []
+            for p, y in zip(params, ys):
+                olds.append(p.data)
+                p.data = y
+            self._ybufs = olds
+        else:
+            torch._foreach_add_(params, vs)
+        if layout is not None:
+            self._pending = layout          # v^ = kappa v is the C-kernel update's
+        else:
+            torch._foreach_mul_(vs, self.kappa)
 
     def _predict(self) -> None:
         """KOALA-M predict (Alg. 2): Q from the weight average, x <- x + v, v <- kappa v,
@@ -445,7 +514,6 @@ class KOALA(Optimizer):
         P_hat = glob["P_prior"]
         dev = P_hat.device
         momentum = self.variant == "m"
-        p00 = P_hat[0, 0] if momentum else P_hat
         L, m2 = self._loss_stats(losses, dev)
 
         # R (eq. 49 or the code's raw second moment); the target of the first group's lr.
@@ -472,6 +540,9 @@ class KOALA(Optimizer):
         native = self._native_plan(all_params)
         if native is None:
             self._finish_predict()              # the torch paths step from v^ = kappa v
+        elif self.skip == "layer":
+            self._update_native(native, P_hat, L, R_new)
+            return
         compiled = native is None and self._wants_compile(all_params)
 
         # Pass 1: per-layer reductions; per-layer lr and wd as vectors (no host syncs).
@@ -480,38 +551,18 @@ class KOALA(Optimizer):
                         for g, ps in groups])
         wd = torch.cat([torch.full((len(ps),), float(g["weight_decay"]), dtype=_F64, device=dev)
                         for g, ps in groups])
-        Gsq = (gn.square() + 2.0 * wd * dots + wd.square() * wsq).clamp_min(0.0)  # ||g + wd x||^2
         ok = gn >= self.skip_threshold
         if self.skip == "iteration":
             all_ok = ok.all()
             ok = ok & all_ok
             R_new = torch.where(all_ok, R_new, R_old)
-        reg = 0.5 * wd * wsq                                # each layer's own L2 term (code)
-        if self.wd_mode == "objective":
-            reg = reg.sum()                                 # the objective's L2 term (all layers)
+        coefs, h_max = _gains(gn, wsq, dots, lr, wd, P_hat, R_new, L, ok, momentum=momentum,
+                              relative=self.target == "relative",
+                              objective=self.wd_mode == "objective",
+                              wd_in_step=not (self.variant == "v" and self.wd_mode == "code"),
+                              lerp_w=(1.0 - self.avg_beta) if self.q_mode == "code" else None)
+        self._posterior(P_hat, h_max, R_new)
 
-        # Gains and h_l.
-        S = p00 * Gsq + R_new
-        gap = lr * (L + reg) if self.target == "relative" else lr   # L - L_target, form (b)/(a)
-        zero = torch.zeros_like(S)
-        a = torch.where(ok, p00 * gap / S, zero)                    # gain of x
-        b = torch.where(ok, P_hat[1, 0] * gap / S, zero) if momentum else None
-        h_max = torch.where(ok, Gsq / S, zero).max()
-        if momentum:
-            col = P_hat[:, 0]
-            glob["P"] = P_hat - h_max * torch.outer(col, col)    # P^ - P^ diag(h,0) P^^T
-        else:
-            glob["P"] = P_hat - P_hat * P_hat * h_max             # = R P^ / (P^ ||G||^2 + R)
-        glob["R"] = R_new
-
-        # Pass 2: x <- s x + c g, s = 1 - a wd, c = -a (KOALA-V code mode: s = 1);
-        # KOALA-M: v <- v - b g - b wd x, and gt <- lerp(gt, x, w) in q_mode="code".
-        wd_dir = wd if not (self.variant == "v" and self.wd_mode == "code") else zero
-        coefs = [1.0 - wd_dir * a, -a]
-        if momentum:
-            coefs += [-b, -wd_dir * b]
-            if self.q_mode == "code":
-                coefs.append(torch.where(ok, torch.full_like(S, 1.0 - self.avg_beta), zero))
         dtype = all_params[0].dtype
         if native is not None and self._fusable(native):
             glob["diff_sq"] = self._apply_native_fused(native, coefs, dtype, dev)
@@ -531,6 +582,55 @@ class KOALA(Optimizer):
             start += n
             self._apply_eager(group, params, cols)
 
+    def _posterior(self, P_hat: Tensor, h_max: Tensor, R_new: Tensor) -> None:
+        """P = P^ - P^ diag(max_l h_l, 0) P^^T (KOALA-M) or P^ - P^^2 max_l h_l (KOALA-V), and R."""
+        glob = self.state["koala"]
+        if self.variant == "m":
+            col = P_hat[:, 0]
+            glob["P"] = P_hat - h_max * torch.outer(col, col)
+        else:
+            glob["P"] = P_hat - P_hat * P_hat * h_max       # = R P^ / (P^ ||G||^2 + R)
+        glob["R"] = R_new
+
+    def _update_native(self, layout: "_Layout", P_hat: Tensor, L: Tensor, R_new: Tensor) -> None:
+        """The whole update in one C kernel (``skip="layer"``): tensor after tensor, its
+        reductions, its gains (:func:`_gains`'s formulas in C) and its step while it is still in
+        cache; with ``fuse_predict`` the next step's predict in the same pass."""
+        momentum = self.variant == "m"
+        fused = momentum and self._fusable(layout)
+        split = (momentum and not fused and self.predict_buffer and self.q_mode == "paper"
+                 and self._covers_all(layout))
+        lerp = momentum and self.q_mode == "code"
+        pg = self.param_groups
+        lr = torch.tensor([float(pg[i]["lr"]) for i in layout.groups], dtype=_F64)
+        wd = torch.tensor([float(pg[i]["weight_decay"]) for i in layout.groups], dtype=_F64)
+        ph = P_hat.reshape(-1).tolist() if momentum else [P_hat.item(), 0.0]
+        kin = self.kappa if self._pending is not None else 1.0     # 1: v^ already decayed
+        sc = torch.tensor([ph[0], ph[2] if momentum else 0.0, R_new.item(), L.item(),
+                           self.skip_threshold, kin, 1.0 if split else self.kappa,
+                           1.0 - self.avg_beta], dtype=_F64)
+        flags = (int(momentum) | int(self.target == "relative") << 1
+                 | int(self.wd_mode == "objective") << 2 | int(lerp) << 3
+                 | int(fused or split) << 4)
+        params = layout.params
+        vs, avgs, _ = self._bufs(layout) if momentum else (None, None, None)
+        avgs = avgs if lerp or fused or split else None
+        ys = None
+        if split:           # the storage the predict swapped out (the layout's shapes), or new
+            ys = self._ybufs
+            if ys is None or len(ys) != len(params):
+                ys = [torch.empty_like(p, memory_format=torch.contiguous_format)
+                      for p in params]
+        res = _native_kernels().update(layout, vs, avgs, lr, wd, sc, flags, ys)
+        self._pending = None
+        torch.autograd.graph.increment_version(params)
+        self._posterior(P_hat, res[0], R_new)
+        if fused or split:
+            self.state["koala"]["diff_sq"] = res[1]
+        if split:       # weights at x, v not decayed, the average moved, x + v in the buffer
+            self.state["koala"]["avg_ahead"] = torch.ones((), dtype=_F64)
+            self._ybufs, self._ystamp = ys, self._stamp(params)
+
     def _native_plan(self, all_params) -> Optional["_Layout"]:
         """The C kernels' layout for this update with its gradients and weight-decay flags set,
         or None (torch paths). After a native predict it is the predict's layout (all
@@ -538,9 +638,7 @@ class KOALA(Optimizer):
         layout = self._pending
         if layout is None:
             layout = self._native_layout(all_params)
-            if layout is None or (self.variant == "m" and not all(
-                    self.state[p]["velocity"].is_contiguous()
-                    and self.state[p]["x_avg"].is_contiguous() for p in all_params)):
+            if layout is None or (self.variant == "m" and not self._bufs(layout)[2]):
                 return None
         dt = layout.dtype
         grads = [p.grad for p in layout.params]
@@ -562,22 +660,31 @@ class KOALA(Optimizer):
         return cols.contiguous()
 
     def _fusable(self, layout: "_Layout") -> bool:
-        """``fuse_predict`` in one C-kernel pass: paper q_mode, the layout covers every
-        parameter, velocities and averages contiguous."""
-        if not (self.fuse_predict and self.q_mode == "paper"):
-            return False
+        """``fuse_predict`` in one C-kernel pass: paper q_mode and :meth:`_covers_all`."""
+        return self.fuse_predict and self.q_mode == "paper" and self._covers_all(layout)
+
+    def _covers_all(self, layout: "_Layout") -> bool:
+        """The layout covers every parameter, their velocities and averages contiguous (the
+        next predict can be done in the update's pass)."""
         n = sum(len(g["params"]) for g in self.param_groups)
-        return len(layout.params) == n and all(
-            self.state[p]["velocity"].is_contiguous() and self.state[p]["x_avg"].is_contiguous()
-            for p in layout.params)
+        return len(layout.params) == n and self._bufs(layout)[2]
+
+    def _bufs(self, layout: "_Layout") -> tuple:
+        """KOALA-M's velocities and weight averages of the layout's parameters, and whether all
+        are contiguous; kept on the layout (the kernels change them in place, and
+        ``load_state_dict`` drops the layouts)."""
+        if layout.bufs is None:
+            vs = [self.state[p]["velocity"] for p in layout.params]
+            avgs = [self.state[p]["x_avg"] for p in layout.params]
+            layout.bufs = (vs, avgs, all(t.is_contiguous() for t in vs + avgs))
+        return layout.bufs
 
     def _apply_native_fused(self, layout: "_Layout", coefs: list, dtype, dev) -> Tensor:
         """The update and the next step's predict in one pass (``fuse_predict``); returns
         sum ||x - x_avg||^2 for the next step's Q."""
         kappa_in = self.kappa if self._pending is not None else 1.0
         params = layout.params
-        vs = [self.state[p]["velocity"] for p in params]
-        avgs = [self.state[p]["x_avg"] for p in params]
+        vs, avgs, _ = self._bufs(layout)
         diff_sq = _native_kernels().apply_predict(layout, params, vs, avgs,
                                                   self._native_cols(layout, coefs, dtype),
                                                   kappa_in, self.kappa, 1.0 - self.avg_beta)
@@ -591,8 +698,8 @@ class KOALA(Optimizer):
         lerp = momentum and self.q_mode == "code"
         cols = self._native_cols(layout, coefs, dtype)
         params = layout.params
-        vs = [self.state[p]["velocity"] for p in params] if momentum else None
-        avgs = [self.state[p]["x_avg"] for p in params] if lerp else None
+        vs, avgs, _ = self._bufs(layout) if momentum else (None, None, None)
+        avgs = avgs if lerp else None
         _native_kernels().apply(layout, params, vs, avgs, cols, kappa, momentum, lerp)
         self._pending = None
         torch.autograd.graph.increment_version(params)
@@ -643,6 +750,39 @@ class KOALA(Optimizer):
                 avgs[i].lerp_(p, cols[4][i])
 
 
+def _gains(gn: Tensor, wsq: Tensor, dots: Tensor, lr: Tensor, wd: Tensor, P_hat: Tensor,
+           R: Tensor, L: Tensor, ok: Tensor, *, momentum: bool, relative: bool, objective: bool,
+           wd_in_step: bool, lerp_w: Optional[float] = None) -> tuple[list, Tensor]:
+    """The per-layer gains from the per-layer ``||g_l||``, ``||x_l||^2`` and ``<g_l, x_l>``
+    (float64 vectors; ``ok``: the layers that step). Returns the coefficient rows of the step
+    (``1 - a wd``, ``-a``; KOALA-M also ``-b``, ``-b wd`` and, in q_mode="code", the average's
+    lerp weight) and ``max_l h_l``::
+
+        ||G_l||^2 = ||g||^2 + 2 wd <g, x> + wd^2 ||x||^2      (G = g + wd x, no copy of G)
+        S_l = P^_00 ||G_l||^2 + R ;  gap = lr (L + L2 term) (relative) or lr (absolute)
+        a_l = P^_00 gap / S_l ;  b_l = P^_10 gap / S_l ;  h_l = ||G_l||^2 / S_l
+
+    The C kernel ``koala_update`` computes the same, operation by operation."""
+    p00 = P_hat[0, 0] if momentum else P_hat
+    Gsq = (gn.square() + 2.0 * wd * dots + wd.square() * wsq).clamp_min(0.0)
+    reg = 0.5 * wd * wsq                                # each layer's own L2 term (code)
+    if objective:
+        reg = reg.sum()                                 # the objective's L2 term (all layers)
+    S = p00 * Gsq + R
+    gap = lr * (L + reg) if relative else lr            # L - L_target, form (b) / (a)
+    zero = torch.zeros_like(S)
+    a = torch.where(ok, p00 * gap / S, zero)            # gain of x
+    h_max = torch.where(ok, Gsq / S, zero).max()
+    wd_dir = wd if wd_in_step else zero
+    coefs = [1.0 - wd_dir * a, -a]                      # x <- (1 - a wd) x - a g
+    if momentum:                                        # v <- v - b g - b wd x
+        b = torch.where(ok, P_hat[1, 0] * gap / S, zero)
+        coefs += [-b, -wd_dir * b]
+        if lerp_w is not None:                          # gt <- lerp(gt, x, w) (q_mode="code")
+            coefs.append(torch.where(ok, torch.full_like(S, lerp_w), zero))
+    return coefs, h_max
+
+
 # ---------------------------------------------------------------------- C kernels (CPU)
 # One pass per kernel over all tensors at once: the tensors are cut into chunks of ``_CHUNK``
 # elements (a table of (tensor, offset, length)) and one OpenMP loop (static schedule) runs over
@@ -663,108 +803,299 @@ _C_HEAD = r"""
 #include <stdint.h>
 #include <stddef.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #define ACC 16
+
+/* Non-temporal stores of ACC-element blocks, for a stream that is only written (the predicted
+   weights of the split update): a plain store that misses the cache first reads the line, one
+   more memory transfer for every element. NT_ALIGN: the alignment they need (0: no such
+   stores here; a chunk that is not aligned uses plain stores); a thread fences after its
+   chunk. Streams that are read and written gain nothing from them (measured: slower). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define NT_ALIGN 64
+static inline void nt_block_f32(float* d, const float* s) {
+    _mm512_stream_ps(d, _mm512_loadu_ps(s)); }
+static inline void nt_block_f64(double* d, const double* s) {
+    _mm512_stream_pd(d, _mm512_loadu_pd(s)); _mm512_stream_pd(d + 8, _mm512_loadu_pd(s + 8)); }
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define NT_ALIGN 32
+static inline void nt_block_f32(float* d, const float* s) {
+    for (int k = 0; k < 16; k += 8) _mm256_stream_ps(d + k, _mm256_loadu_ps(s + k)); }
+static inline void nt_block_f64(double* d, const double* s) {
+    for (int k = 0; k < 16; k += 4) _mm256_stream_pd(d + k, _mm256_loadu_pd(s + k)); }
+#elif defined(__SSE2__)
+#include <emmintrin.h>
+#define NT_ALIGN 16
+static inline void nt_block_f32(float* d, const float* s) {
+    for (int k = 0; k < 16; k += 4) _mm_stream_ps(d + k, _mm_loadu_ps(s + k)); }
+static inline void nt_block_f64(double* d, const double* s) {
+    for (int k = 0; k < 16; k += 2) _mm_stream_pd(d + k, _mm_loadu_pd(s + k)); }
+#else
+#define NT_ALIGN 0
+static inline void nt_block_f32(float* d, const float* s) {
+    for (int k = 0; k < 16; k++) d[k] = s[k]; }
+static inline void nt_block_f64(double* d, const double* s) {
+    for (int k = 0; k < 16; k++) d[k] = s[k]; }
+#endif
+#if NT_ALIGN
+#define NT_FENCE() _mm_sfence()
+#define NT_OK(p) (((uintptr_t)(p)) % NT_ALIGN == 0)
+#else
+#define NT_FENCE() ((void)0)
+#define NT_OK(p) 0
+#endif
 """
 
 # $S: element type, $SUF: its suffix. x, v, a, g: per-tensor base pointers (g[t] may be NULL:
 # no gradient); ch: [nch][3] chunk table (tensor, offset, length).
 _C_API = r"""
-/* KOALA-M predict: d = x - a; sum d^2; paper: a <- a + w d; x <- x + v (v is NOT decayed:
-   the apply does v <- kappa v). code (paper == 0): sum (a - x)^2, a untouched. *out = the sum,
-   accumulated per chunk and then in chunk order. */
+/* ---- chunk bodies (static inline; each kernel below is a loop over chunks of these) ---- */
+
+/* KOALA-M predict on one chunk: d = x - a; returns sum d^2; paper: a <- a + w d; x <- x + v
+   (v is NOT decayed: the apply does v <- kappa v). code (paper == 0): sum (a - x)^2. */
+static inline double predict_chunk_$SUF($S* restrict xp, const $S* restrict vp,
+                                        $S* restrict ap, int64_t n, $S ws, int paper) {
+    double acc[ACC] = {0};
+    int64_t i = 0;
+    if (paper) {
+        for (; i + ACC <= n; i += ACC)
+            for (int j = 0; j < ACC; j++) {
+                const $S xi = xp[i + j], ai = ap[i + j], d = xi - ai;
+                acc[j] += (double)d * (double)d;
+                ap[i + j] = ai + ws * d;
+                xp[i + j] = xi + vp[i + j];
+            }
+        for (; i < n; i++) {
+            const $S xi = xp[i], ai = ap[i], d = xi - ai;
+            acc[0] += (double)d * (double)d;
+            ap[i] = ai + ws * d;
+            xp[i] = xi + vp[i];
+        }
+    } else {
+        for (; i + ACC <= n; i += ACC)
+            for (int j = 0; j < ACC; j++) {
+                const $S xi = xp[i + j], d = ap[i + j] - xi;
+                acc[j] += (double)d * (double)d;
+                xp[i + j] = xi + vp[i + j];
+            }
+        for (; i < n; i++) {
+            const $S xi = xp[i], d = ap[i] - xi;
+            acc[0] += (double)d * (double)d;
+            xp[i] = xi + vp[i];
+        }
+    }
+    double s = 0.0;
+    for (int j = 0; j < ACC; j++) s += acc[j];
+    return s;
+}
+
+/* Reductions of one chunk: o[0] = sum g^2, and where wd: o[1] = sum x^2, o[2] = sum g x (0
+   elsewhere). Without x the chunk is read as NS interleaved sub-streams: a single read stream
+   per thread leaves memory bandwidth unused. */
+#define NS 4
+static inline void reduce_chunk_$SUF(const $S* restrict gp, const $S* restrict xp, int64_t n,
+                                     int wd, double* o) {
+    double gg[NS][ACC] = {{0}}, xx[ACC] = {0}, gx[ACC] = {0};
+    if (wd) {
+        int64_t i = 0;
+        for (; i + ACC <= n; i += ACC)
+            for (int j = 0; j < ACC; j++) {
+                const double gi = gp[i + j], xi = xp[i + j];
+                gg[0][j] += gi * gi; xx[j] += xi * xi; gx[j] += gi * xi;
+            }
+        for (; i < n; i++) {
+            const double gi = gp[i], xi = xp[i];
+            gg[0][0] += gi * gi; xx[0] += xi * xi; gx[0] += gi * xi;
+        }
+    } else {
+        const int64_t q = n / NS / ACC * ACC;          /* sub-stream length */
+        for (int64_t i = 0; i < q; i += ACC)
+            for (int s = 0; s < NS; s++)
+                for (int j = 0; j < ACC; j++) {
+                    const double gi = gp[s * q + i + j];
+                    gg[s][j] += gi * gi;
+                }
+        for (int64_t i = NS * q; i < n; i++) {
+            const double gi = gp[i];
+            gg[0][0] += gi * gi;
+        }
+    }
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int j = 0; j < ACC; j++) {
+        for (int s = 0; s < NS; s++) s0 += gg[s][j];
+        s1 += xx[j]; s2 += gx[j];
+    }
+    o[0] = s0; o[1] = s1; o[2] = s2;
+}
+#undef NS
+
+/* sum x^2 of one chunk, in the lanes of reduce_chunk's weight-decay branch (the same value) */
+static inline double sumsq_chunk_$SUF(const $S* restrict xp, int64_t n) {
+    double xx[ACC] = {0};
+    int64_t i = 0;
+    for (; i + ACC <= n; i += ACC)
+        for (int j = 0; j < ACC; j++) { const double xi = xp[i + j]; xx[j] += xi * xi; }
+    for (; i < n; i++) { const double xi = xp[i]; xx[0] += xi * xi; }
+    double s = 0.0;
+    for (int j = 0; j < ACC; j++) s += xx[j];
+    return s;
+}
+
+/* The update of one chunk with coefficients c = (shrink, -a, -b, -b wd, lerp weight of a), in
+   the eager path's order of operations:
+     momentum: v <- kappa v; v <- v + (-b) g; [wd] v <- v + (-b wd) x
+     x: [wd] x <- shrink x; x <- x + (-a) g
+     lerp (code q_mode): a <- lerp(a, x, w) (torch's formula)
+   Without a gradient (gp NULL) only v <- kappa v. */
+static inline void apply_chunk_$SUF($S* restrict xp, const $S* restrict gp, $S* restrict vp,
+                                    $S* restrict ap, int64_t n, const $S* c, int wd, $S k,
+                                    int momentum, int lerp) {
+    if (gp == NULL) {
+        if (momentum)
+            for (int64_t i = 0; i < n; i++) vp[i] = vp[i] * k;
+        return;
+    }
+    const $S s = c[0], na = c[1];
+    if (!momentum) {
+        if (wd) {
+            for (int64_t i = 0; i < n; i++) xp[i] = xp[i] * s + na * gp[i];
+        } else {
+            for (int64_t i = 0; i < n; i++) xp[i] = xp[i] + na * gp[i];
+        }
+        return;
+    }
+    const $S nb = c[2], nbw = c[3];
+    if (wd) {
+        for (int64_t i = 0; i < n; i++) {
+            const $S xi = xp[i], gi = gp[i];
+            $S vi = vp[i] * k;
+            vi = vi + nb * gi;
+            vp[i] = vi + nbw * xi;
+            const $S xs = xi * s;
+            xp[i] = xs + na * gi;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const $S gi = gp[i];
+            $S vi = vp[i] * k;
+            vp[i] = vi + nb * gi;
+            xp[i] = xp[i] + na * gi;
+        }
+    }
+    if (lerp) {                 /* torch.lerp's vectorized form: fma(c, x - a, base) */
+        const $S w = c[4];
+        const int small = w < ($S)0.5 && w > ($S)-0.5;
+        const $S cf = small ? w : w - ($S)1;
+        if (small) {
+            for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], ap[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], xp[i]);
+        }
+    }
+}
+
+/* The KOALA-M update of one chunk fused with the next step's predict (paper q_mode): per
+   element, in the order of apply then predict:
+     v' = kin v + (-b) g [+ (-b wd) x];  x' = [shrink] x + (-a) g        (the update)
+     d = x' - a; sum d^2; a <- a + w d;  v <- kout v'                     (the predict)
+   and x <- x' + v' (fuse_predict: yp NULL), or x <- x' and y <- x' + v' (split: the predicted
+   weights into a second buffer, y; non-temporal where nt). Without a gradient (gp NULL) the
+   predict only (x' = x, v' = kin v). Returns sum d^2. */
+static inline __attribute__((always_inline)) double kp_body_$SUF(
+        $S* restrict xp, const $S* restrict gp, $S* restrict vp, $S* restrict ap,
+        $S* restrict yp, int64_t n, const $S* c, int wd, $S ki, $S ko, $S ws, const int split,
+        const int nt) {
+    double acc[ACC] = {0};
+    const $S s = c[0], na = c[1], nb = c[2], nbw = c[3];
+    int64_t i = 0;
+    /* STEP: the update's x' (xn) and v' (vi) of element e; then the predict */
+#define KP_TAIL(e, j)                                                     \
+        const $S ai = ap[e], d = xn - ai;                                 \
+        acc[j] += (double)d * (double)d;                                  \
+        ap[e] = ai + ws * d;                                              \
+        if (split) xp[e] = xn; else xp[e] = xn + vi;                      \
+        vp[e] = vi * ko;
+#define KP_LOOP(...)                                                      \
+    for (; i + ACC <= n; i += ACC) {                                      \
+        $S yo[ACC];                                                       \
+        for (int j = 0; j < ACC; j++) {                                   \
+            const int64_t e = i + j; __VA_ARGS__ KP_TAIL(e, j)            \
+            if (split) { if (nt) yo[j] = xn + vi; else yp[e] = xn + vi; } \
+        }                                                                 \
+        if (split && nt) nt_block_$SUF(yp + i, yo);                       \
+    }                                                                     \
+    for (; i < n; i++) {                                                  \
+        const int64_t e = i; __VA_ARGS__ KP_TAIL(e, 0)                    \
+        if (split) yp[e] = xn + vi;                                       \
+    }
+    if (gp != NULL && wd) {
+        KP_LOOP(const $S xi = xp[e], gi = gp[e];
+                $S vi = vp[e] * ki; vi = vi + nb * gi; vi = vi + nbw * xi;
+                const $S xs = xi * s; const $S xn = xs + na * gi;)
+    } else if (gp != NULL) {
+        KP_LOOP(const $S gi = gp[e];
+                $S vi = vp[e] * ki; vi = vi + nb * gi;
+                const $S xn = xp[e] + na * gi;)
+    } else {
+        KP_LOOP(const $S vi = vp[e] * ki, xn = xp[e];)
+    }
+#undef KP_LOOP
+#undef KP_TAIL
+    double sum = 0.0;
+    for (int j = 0; j < ACC; j++) sum += acc[j];
+    return sum;
+}
+
+static inline double apply_predict_chunk_$SUF($S* restrict xp, const $S* restrict gp,
+                                              $S* restrict vp, $S* restrict ap,
+                                              $S* restrict yp, int64_t n, const $S* c, int wd,
+                                              $S ki, $S ko, $S ws) {
+    if (yp == NULL)
+        return kp_body_$SUF(xp, gp, vp, ap, NULL, n, c, wd, ki, ko, ws, 0, 0);
+    if (NT_OK(yp)) {
+        const double r = kp_body_$SUF(xp, gp, vp, ap, yp, n, c, wd, ki, ko, ws, 1, 1);
+        NT_FENCE();
+        return r;
+    }
+    return kp_body_$SUF(xp, gp, vp, ap, yp, n, c, wd, ki, ko, ws, 1, 0);
+}
+
+/* ---- kernels: x, v, a, g are per-tensor base pointers (g[t] NULL: no gradient); ch is the
+   [nch][3] chunk table (tensor, offset, length); sums are taken per chunk and then in chunk
+   order, so they do not depend on the thread count ---- */
+
+/* KOALA-M predict over all tensors; *out = sum ||x - a||^2 (see predict_chunk). */
 void koala_predict_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* v,
                         $S* const* a, double* part, double* out, double w, int paper,
                         int nt) {
-    const $S ws = ($S)w;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < nch; c++) {
-        const int64_t t = ch[3 * c], n = ch[3 * c + 2];
-        $S* restrict xp = x[t] + ch[3 * c + 1];
-        $S* restrict vp = v[t] + ch[3 * c + 1];
-        $S* restrict ap = a[t] + ch[3 * c + 1];
-        double acc[ACC] = {0};
-        int64_t i = 0;
-        if (paper) {
-            for (; i + ACC <= n; i += ACC)
-                for (int j = 0; j < ACC; j++) {
-                    const $S xi = xp[i + j], ai = ap[i + j], d = xi - ai;
-                    acc[j] += (double)d * (double)d;
-                    ap[i + j] = ai + ws * d;
-                    xp[i + j] = xi + vp[i + j];
-                }
-            for (; i < n; i++) {
-                const $S xi = xp[i], ai = ap[i], d = xi - ai;
-                acc[0] += (double)d * (double)d;
-                ap[i] = ai + ws * d;
-                xp[i] = xi + vp[i];
-            }
-        } else {
-            for (; i + ACC <= n; i += ACC)
-                for (int j = 0; j < ACC; j++) {
-                    const $S xi = xp[i + j], d = ap[i + j] - xi;
-                    acc[j] += (double)d * (double)d;
-                    xp[i + j] = xi + vp[i + j];
-                }
-            for (; i < n; i++) {
-                const $S xi = xp[i], d = ap[i] - xi;
-                acc[0] += (double)d * (double)d;
-                xp[i] = xi + vp[i];
-            }
-        }
-        double s = 0.0;
-        for (int j = 0; j < ACC; j++) s += acc[j];
-        part[c] = s;
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1];
+        part[c] = predict_chunk_$SUF(x[t] + off, v[t] + off, a[t] + off, ch[3 * c + 2],
+                                     ($S)w, paper);
     }
     double s = 0.0;
     for (int64_t c = 0; c < nch; c++) s += part[c];
     *out = s;
 }
 
-/* Per tensor t: out[3t] = sum g^2, and where wd[t]: out[3t+1] = sum x^2, out[3t+2] = sum g x
-   (0 elsewhere, and all 0 where g[t] is NULL). part: [nch][3] scratch. A chunk is read as NS
-   interleaved sub-streams: a single read stream per thread leaves memory bandwidth unused. */
-#define NS 4
+/* Per tensor t: out[3t..3t+2] = the reductions of reduce_chunk (all 0 where g[t] is NULL);
+   part: [nch][3] scratch. */
 void koala_reduce_$SUF(int64_t nch, const int64_t* ch, $S* const* g, $S* const* x,
                        const uint8_t* wd, double* part, double* out, int64_t ntensor,
                        int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < nch; c++) {
-        const int64_t t = ch[3 * c], n = ch[3 * c + 2];
-        const int64_t q = n / NS / ACC * ACC;          /* sub-stream length */
-        double gg[NS][ACC] = {{0}}, xx[ACC] = {0}, gx[ACC] = {0};
-        if (g[t] != NULL) {
-            const $S* restrict gp = g[t] + ch[3 * c + 1];
-            if (wd[t]) {
-                const $S* restrict xp = x[t] + ch[3 * c + 1];
-                int64_t i = 0;
-                for (; i + ACC <= n; i += ACC)
-                    for (int j = 0; j < ACC; j++) {
-                        const double gi = gp[i + j], xi = xp[i + j];
-                        gg[0][j] += gi * gi; xx[j] += xi * xi; gx[j] += gi * xi;
-                    }
-                for (; i < n; i++) {
-                    const double gi = gp[i], xi = xp[i];
-                    gg[0][0] += gi * gi; xx[0] += xi * xi; gx[0] += gi * xi;
-                }
-            } else {
-                for (int64_t i = 0; i < q; i += ACC)
-                    for (int s = 0; s < NS; s++)
-                        for (int j = 0; j < ACC; j++) {
-                            const double gi = gp[s * q + i + j];
-                            gg[s][j] += gi * gi;
-                        }
-                for (int64_t i = NS * q; i < n; i++) {
-                    const double gi = gp[i];
-                    gg[0][0] += gi * gi;
-                }
-            }
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1];
+        if (g[t] == NULL) {
+            part[3 * c] = part[3 * c + 1] = part[3 * c + 2] = 0.0;
+            continue;
         }
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int j = 0; j < ACC; j++) {
-            for (int s = 0; s < NS; s++) s0 += gg[s][j];
-            s1 += xx[j]; s2 += gx[j];
-        }
-        part[3 * c] = s0; part[3 * c + 1] = s1; part[3 * c + 2] = s2;
+        reduce_chunk_$SUF(g[t] + off, x[t] + off, ch[3 * c + 2], wd[t], part + 3 * c);
     }
     for (int64_t k = 0; k < 3 * ntensor; k++) out[k] = 0.0;
     for (int64_t c = 0; c < nch; c++) {
@@ -773,127 +1104,140 @@ void koala_reduce_$SUF(int64_t nch, const int64_t* ch, $S* const* g, $S* const* 
         out[3 * t + 2] += part[3 * c + 2];
     }
 }
-#undef NS
 
-/* The update, per tensor t with coefficients coef[k * ntensor + t] (k: 0 shrink, 1 -a,
-   2 -b, 3 -b wd, 4 lerp weight of a), in the eager path's order of operations:
-     momentum: v <- kappa v; v <- v + (-b) g; [wd] v <- v + (-b wd) x
-     x: [wd] x <- shrink x; x <- x + (-a) g
-     lerp (code q_mode): a <- lerp(a, x, w) (torch's formula)
-   A tensor with g[t] NULL only gets v <- kappa v. */
+/* The update over all tensors with coefficients coef[k * ntensor + t] (see apply_chunk). */
 void koala_apply_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g,
                       $S* const* v, $S* const* a, const $S* coef, const uint8_t* wd,
                       int64_t ntensor, double kappa, int momentum, int lerp, int nt) {
-    const $S k = ($S)kappa;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < nch; c++) {
-        const int64_t t = ch[3 * c], off = ch[3 * c + 1], n = ch[3 * c + 2];
-        $S* restrict xp = x[t] + off;
-        $S* restrict vp = momentum ? v[t] + off : NULL;
-        if (g[t] == NULL) {
-            if (momentum)
-                for (int64_t i = 0; i < n; i++) vp[i] = vp[i] * k;
-            continue;
-        }
-        const $S* restrict gp = g[t] + off;
-        const $S s = coef[t], na = coef[ntensor + t];
-        if (!momentum) {
-            if (wd[t]) {
-                for (int64_t i = 0; i < n; i++) xp[i] = xp[i] * s + na * gp[i];
-            } else {
-                for (int64_t i = 0; i < n; i++) xp[i] = xp[i] + na * gp[i];
-            }
-            continue;
-        }
-        const $S nb = coef[2 * ntensor + t], nbw = coef[3 * ntensor + t];
-        if (wd[t]) {
-            for (int64_t i = 0; i < n; i++) {
-                const $S xi = xp[i], gi = gp[i];
-                $S vi = vp[i] * k;
-                vi = vi + nb * gi;
-                vp[i] = vi + nbw * xi;
-                const $S xs = xi * s;
-                xp[i] = xs + na * gi;
-            }
-        } else {
-            for (int64_t i = 0; i < n; i++) {
-                const $S gi = gp[i];
-                $S vi = vp[i] * k;
-                vp[i] = vi + nb * gi;
-                xp[i] = xp[i] + na * gi;
-            }
-        }
-        if (lerp) {                 /* torch.lerp's vectorized form: fma(c, x - a, base) */
-            const $S w = coef[4 * ntensor + t];
-            const int small = w < ($S)0.5 && w > ($S)-0.5;
-            const $S cf = small ? w : w - ($S)1;
-            $S* restrict ap = a[t] + off;
-            if (small) {
-                for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], ap[i]);
-            } else {
-                for (int64_t i = 0; i < n; i++) ap[i] = $FMA(cf, xp[i] - ap[i], xp[i]);
-            }
-        }
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1];
+        const $S cf[5] = {coef[t], coef[ntensor + t], coef[2 * ntensor + t],
+                          coef[3 * ntensor + t], coef[4 * ntensor + t]};
+        apply_chunk_$SUF(x[t] + off, g[t] == NULL ? NULL : g[t] + off,
+                         momentum ? v[t] + off : NULL, lerp ? a[t] + off : NULL,
+                         ch[3 * c + 2], cf, wd[t], ($S)kappa, momentum, lerp);
     }
 }
 
-/* KOALA-M update fused with the next step's predict (fuse_predict=True, paper q_mode): per
-   element, in the order of apply then predict:
-     v' = kin v + (-b) g [+ (-b wd) x];  x' = [shrink] x + (-a) g        (the update)
-     d = x' - a; sum d^2; a <- a + w d;  x <- x' + v';  v <- kout v'       (the predict)
-   A tensor with g[t] NULL gets the predict only (x' = x, v' = kin v). *out = sum d^2. */
+/* The update fused with the next predict over all tensors (see apply_predict_chunk);
+   *out = sum d^2. */
 void koala_apply_predict_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g,
                               $S* const* v, $S* const* a, const $S* coef, const uint8_t* wd,
                               int64_t ntensor, double kin, double kout, double w,
                               double* part, double* out, int nt) {
-    const $S ki = ($S)kin, ko = ($S)kout, ws = ($S)w;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < nch; c++) {
-        const int64_t t = ch[3 * c], off = ch[3 * c + 1], n = ch[3 * c + 2];
-        $S* restrict xp = x[t] + off;
-        $S* restrict vp = v[t] + off;
-        $S* restrict ap = a[t] + off;
-        double acc[ACC] = {0};
-        const $S s = coef[t], na = coef[ntensor + t];
-        const $S nb = coef[2 * ntensor + t], nbw = coef[3 * ntensor + t];
-        const $S* restrict gp = g[t] != NULL ? g[t] + off : NULL;
-        /* BODY(j): element i + j; XN and VI are the update's x' and v' */
-#define KP_TAIL(j, XN, VI) {                                              \
-            const $S ai = ap[i + (j)], d = (XN) - ai;                     \
-            acc[j] += (double)d * (double)d;                              \
-            ap[i + (j)] = ai + ws * d;                                    \
-            xp[i + (j)] = (XN) + (VI);                                    \
-            vp[i + (j)] = (VI) * ko; }
-#define KP_LOOP(STEP)                                                     \
-        { int64_t i = 0;                                                  \
-          for (; i + ACC <= n; i += ACC)                                  \
-              for (int j = 0; j < ACC; j++) STEP(j)                       \
-          for (; i < n; i++) { const int j0 = 0; STEP(j0) } }
-#define KP_WD(j) { const $S xi = xp[i + (j)], gi = gp[i + (j)];           \
-            $S vi = vp[i + (j)] * ki; vi = vi + nb * gi; vi = vi + nbw * xi; \
-            const $S xs = xi * s; const $S xn = xs + na * gi;            \
-            KP_TAIL(j, xn, vi) }
-#define KP_G(j) { const $S gi = gp[i + (j)];                              \
-            $S vi = vp[i + (j)] * ki; vi = vi + nb * gi;                  \
-            const $S xn = xp[i + (j)] + na * gi;                          \
-            KP_TAIL(j, xn, vi) }
-#define KP_NOG(j) { const $S vi = vp[i + (j)] * ki, xn = xp[i + (j)];     \
-            KP_TAIL(j, xn, vi) }
-        if (gp != NULL && wd[t]) KP_LOOP(KP_WD)
-        else if (gp != NULL) KP_LOOP(KP_G)
-        else KP_LOOP(KP_NOG)
-#undef KP_TAIL
-#undef KP_LOOP
-#undef KP_WD
-#undef KP_G
-#undef KP_NOG
-        double sum = 0.0;
-        for (int j = 0; j < ACC; j++) sum += acc[j];
-        part[c] = sum;
+        const int64_t t = ch[3 * c], off = ch[3 * c + 1];
+        const $S cf[4] = {coef[t], coef[ntensor + t], coef[2 * ntensor + t],
+                          coef[3 * ntensor + t]};
+        part[c] = apply_predict_chunk_$SUF(x[t] + off, g[t] == NULL ? NULL : g[t] + off,
+                                           v[t] + off, a[t] + off, NULL, ch[3 * c + 2], cf,
+                                           wd[t],
+                                           ($S)kin, ($S)kout, ($S)w);
     }
     double sum = 0.0;
     for (int64_t c = 0; c < nch; c++) sum += part[c];
     *out = sum;
+}
+
+/* The whole update, one tensor after the other (skip="layer"): tensor t's chunks are split
+   over the threads, each reduces its share, and after a barrier every thread sums the partial
+   reductions in chunk order, computes t's gains from them (the same doubles in every thread,
+   the formulas of _gains, operation by operation) and updates its share. The gains need no
+   round trip through torch, and g (and x) are read the second time soon after the first
+   (from the cache where a thread's share fits in it).
+   tch: [ntensor + 1] first chunk of each tensor; wdr/wda: weight decay in the reductions / in
+   the step; lr, wd: per tensor; sc: p00, p10, R, L, theta, kin, kout, w; flags: 1 momentum,
+   2 relative target, 4 objective weight decay, 8 lerp (code q_mode, weight w), 16 fused
+   predict (weight w; into y where y is not NULL, see kp_body). part: [nch][3], part2: [nch]
+   scratch. res[0] = max_t h_t,
+   res[1] = sum d^2 of the fused predict, res[2] = the objective's L2 term. */
+void koala_update_$SUF(int64_t ntensor, const int64_t* tch, const int64_t* ch,
+                       $S* const* x, $S* const* g, $S* const* v, $S* const* a, $S* const* y,
+                       const uint8_t* wdr, const uint8_t* wda, const double* lr,
+                       const double* wd, const double* sc, int64_t flags, double* part,
+                       double* part2, double* res, int nt) {
+    const int momentum = flags & 1, relative = (flags & 2) != 0, objective = (flags & 4) != 0;
+    const int lerp = (flags & 8) != 0, fused = (flags & 16) != 0;
+    const double p00 = sc[0], p10 = sc[1], R = sc[2], L = sc[3], theta = sc[4];
+    const $S kin = ($S)sc[5], kout = ($S)sc[6], w = ($S)sc[7];
+    const int64_t nch = tch[ntensor];
+    double reg = 0.0;
+    if (objective) {            /* the L2 term of the objective needs every ||x_t||^2 first */
+        int any = 0;
+        for (int64_t t = 0; t < ntensor; t++) any |= g[t] != NULL && wdr[t];
+        if (any) {
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t c = 0; c < nch; c++) {
+                const int64_t t = ch[3 * c];
+                part[3 * c + 1] = (g[t] != NULL && wdr[t])
+                    ? sumsq_chunk_$SUF(x[t] + ch[3 * c + 1], ch[3 * c + 2]) : 0.0;
+            }
+            for (int64_t t = 0; t < ntensor; t++) {
+                if (g[t] == NULL) continue;
+                double s1 = 0.0;
+                for (int64_t c = tch[t]; c < tch[t + 1]; c++) s1 += part[3 * c + 1];
+                reg += (0.5 * wd[t]) * s1;
+            }
+        }
+    }
+    double hmax = 0.0;
+    #pragma omp parallel num_threads(nt)
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num(); nth = omp_get_num_threads();
+#endif
+        for (int64_t t = 0; t < ntensor; t++) {
+            const int64_t c0 = tch[t], nc = tch[t + 1] - c0;
+            const int64_t lo = c0 + nc * tid / nth, hi = c0 + nc * (tid + 1) / nth;
+            $S cf[5] = {0, 0, 0, 0, 0};
+            if (g[t] != NULL) {
+                for (int64_t c = lo; c < hi; c++) {
+                    const int64_t off = ch[3 * c + 1];
+                    reduce_chunk_$SUF(g[t] + off, x[t] + off, ch[3 * c + 2], wdr[t],
+                                      part + 3 * c);
+                }
+                #pragma omp barrier
+                double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+                for (int64_t c = c0; c < c0 + nc; c++) {
+                    s0 += part[3 * c]; s1 += part[3 * c + 1]; s2 += part[3 * c + 2];
+                }
+                const double wdt = wd[t], gn = sqrt(s0 > 0.0 ? s0 : 0.0);
+                double gsq = gn * gn + (2.0 * wdt) * s2 + (wdt * wdt) * s1;
+                gsq = gsq < 0.0 ? 0.0 : gsq;
+                const int ok = gn >= theta;
+                const double S = p00 * gsq + R;
+                const double gap = relative ? lr[t] * (L + (objective ? reg
+                                                             : (0.5 * wdt) * s1)) : lr[t];
+                const double ga = ok ? p00 * gap / S : 0.0;
+                const double gb = ok ? p10 * gap / S : 0.0;
+                const double wdd = wda[t] ? wdt : 0.0;
+                cf[0] = ($S)(1.0 - wdd * ga); cf[1] = ($S)(-ga);
+                cf[2] = ($S)(-gb); cf[3] = ($S)(-(wdd * gb));
+                cf[4] = ok ? w : ($S)0;
+                if (tid == 0 && ok && gsq / S > hmax) hmax = gsq / S;
+            }
+            const int wflag = g[t] != NULL && wda[t];
+            for (int64_t c = lo; c < hi; c++) {
+                const int64_t off = ch[3 * c + 1], n = ch[3 * c + 2];
+                $S* gp = g[t] == NULL ? NULL : g[t] + off;
+                if (fused)
+                    part2[c] = apply_predict_chunk_$SUF(x[t] + off, gp, v[t] + off, a[t] + off,
+                                                        y == NULL ? NULL : y[t] + off, n, cf,
+                                                        wflag, kin, kout, w);
+                else
+                    apply_chunk_$SUF(x[t] + off, gp, momentum ? v[t] + off : NULL,
+                                     lerp ? a[t] + off : NULL, n, cf, wflag, kin, momentum,
+                                     lerp);
+            }
+        }
+    }
+    double d2 = 0.0;
+    if (fused)
+        for (int64_t c = 0; c < nch; c++) d2 += part2[c];
+    res[0] = hmax; res[1] = d2; res[2] = reg;
 }
 """
 
@@ -922,8 +1266,12 @@ class _Layout:
                 for s in range(0, n, _CHUNK)]
         self.chunks = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
         self.nch = len(rows)
+        self.first = torch.tensor([0] + [-(-n // _CHUNK) for n in self.numels],
+                                  dtype=torch.int64).cumsum(0)   # first chunk of each tensor
         self.part = torch.empty(3 * max(self.nch, 1), dtype=_F64)
+        self.part2 = torch.empty(max(self.nch, 1), dtype=_F64)
         self.grads: Optional[list] = None
+        self.bufs: Optional[tuple] = None                        # see KOALA._bufs
         self.pg = self.px = None                                 # this update's pointers
         self._flags: tuple = (None, None, None, None)           # key, wd_red, wd_app, rows
         self.wd_red = self.wd_app = self.rows = None
@@ -960,11 +1308,13 @@ class _Kernels:
         self._fn = {}
         for dtype, suf in ((torch.float32, "f32"), (torch.float64, "f64")):
             fns = tuple(getattr(lib, f"koala_{k}_{suf}")
-                        for k in ("predict", "reduce", "apply", "apply_predict"))
+                        for k in ("predict", "reduce", "apply", "apply_predict", "update"))
             fns[0].argtypes = [i64, vp, vp, vp, vp, vp, vp, f64, ci, ci]
             fns[1].argtypes = [i64, vp, vp, vp, vp, vp, vp, i64, ci]
             fns[2].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, ci, ci, ci]
             fns[3].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, f64, f64, vp, vp, ci]
+            fns[4].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, vp, vp,
+                               vp, ci]
             for fn in fns:
                 fn.restype = None
             self._fn[dtype] = fns
@@ -1018,6 +1368,25 @@ class _Kernels:
         layout.grads = layout.pg = layout.px = None
         return out
 
+    def update(self, layout: _Layout, vs: Optional[list], avgs: Optional[list], lr: Tensor,
+               wd: Tensor, scalars: Tensor, flags: int, ys: Optional[list] = None) -> Tensor:
+        """The whole update tensor by tensor (``koala_update`` in the C source), in place;
+        returns [max_l h_l, sum d^2 of the fused predict, the objective's L2 term] (float64)."""
+        res = torch.zeros(3, dtype=_F64)
+        pv = _ptrs(vs) if vs is not None else None
+        pa = _ptrs(avgs) if avgs is not None else None
+        py = _ptrs(ys) if ys is not None else None
+        self._fn[layout.dtype][4](
+            len(layout.params), layout.first.data_ptr(), layout.chunks.data_ptr(),
+            layout.px.data_ptr(), layout.pg.data_ptr(), None if pv is None else pv.data_ptr(),
+            None if pa is None else pa.data_ptr(), None if py is None else py.data_ptr(),
+            layout.wd_red.data_ptr(),
+            layout.wd_app.data_ptr(), lr.data_ptr(), wd.data_ptr(), scalars.data_ptr(), flags,
+            layout.part.data_ptr(), layout.part2.data_ptr(), res.data_ptr(),
+            torch.get_num_threads())
+        layout.grads = layout.pg = layout.px = None
+        return res
+
 
 _NATIVE: dict = {}               # "kernels": _Kernels | None once tried, "error": why not
 _NATIVE_LOCK = threading.Lock()
@@ -1025,7 +1394,8 @@ _NATIVE_LOCK = threading.Lock()
 
 def _build() -> str:
     """Compile the kernels (or find them compiled) and return the path of the shared object."""
-    return _native.build("koala", _c_source(), ["-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"])
+    return _native.build("koala", _c_source(), ["-O3", "-fno-math-errno", "-ffp-contract=off",
+                                                "-shared", "-fPIC"])
 
 
 def _self_check(k: _Kernels) -> None:
@@ -1100,6 +1470,63 @@ def _self_check(k: _Kernels) -> None:
             ok = ok and torch.allclose(as_[t], ar[t], **tol)
         if not ok:
             raise RuntimeError(f"self-check failed (apply_predict, {dtype})")
+        _self_check_update(k, layout, gs, x0, v0, a0, rnd, tol)
+
+
+def _self_check_update(k: _Kernels, layout: _Layout, gs: list, x0: list, v0: list, a0: list,
+                       rnd, tol: dict) -> None:
+    """``koala_update`` against reduce, :func:`_gains` and apply (fused: apply_predict; split:
+    apply, then predict into a copy of the weights)."""
+    dtype = layout.dtype
+    P_hat = torch.tensor([[0.3, 0.05], [0.04, 0.2]], dtype=_F64)
+    R, L, theta = torch.tensor(0.7, dtype=_F64), torch.tensor(1.3, dtype=_F64), 1e-9
+    lr = torch.tensor([1.0, 0.5, 1.0, 1.0], dtype=_F64)
+    wd = torch.tensor([0.05, 0.0, 0.05, 0.05], dtype=_F64)
+    rows = [t for t, g in enumerate(gs) if g is not None]
+    for momentum, objective, lerp, predict in ((True, True, False, ""), (True, False, True, ""),
+                                               (True, True, False, "fused"),
+                                               (True, False, False, "split"),
+                                               (False, True, False, "")):
+        layout.prepare(gs, [True, False], True)
+        out = k.reduce(layout)[rows]
+        gn = out[:, 0].clamp_min(0.0).sqrt()
+        coefs, h_max = _gains(gn, out[:, 1], out[:, 2], lr[rows], wd[rows],
+                              P_hat if momentum else P_hat[0, 0], R, L, gn >= theta,
+                              momentum=momentum, relative=True, objective=objective,
+                              wd_in_step=True, lerp_w=0.1 if lerp else None)
+        cols = torch.zeros(5, len(gs), dtype=_F64)
+        cols[:len(coefs), rows] = torch.stack(coefs)
+        cols = cols.to(dtype).contiguous()
+        ref = [[t.clone() for t in ts] for ts in (x0, v0, a0)]
+        ref_d2 = 0.0
+        if predict == "fused":
+            ref_d2 = k.apply_predict(layout, *ref, cols, 0.9, 0.9, 0.1).item()
+        else:
+            k.apply(layout, ref[0], ref[1] if momentum else None, ref[2] if lerp else None,
+                    cols, 0.9, momentum, lerp)
+        if predict == "split":              # y = x' + v', the average moved; x' and v' stay
+            ref.append([t.clone() for t in ref[0]])
+            ref_d2 = k.predict(layout, ref[3], ref[1], ref[2], 0.1, True).item()
+        got = [[t.clone() for t in ts] for ts in (x0, v0, a0)]
+        ys = None
+        if predict == "split":
+            ys = [torch.full_like(t, float("nan")) for t in x0]
+            ys[1] = torch.full((x0[1].numel() + 1,), float("nan"), dtype=dtype)[1:]  # unaligned:
+            got.append(ys)                                               # plain stores
+        mine = _Layout(got[0], layout.groups)
+        mine.prepare(gs, [True, False], True)
+        sc = torch.tensor([P_hat[0, 0], P_hat[1, 0] if momentum else 0.0, R, L, theta, 0.9,
+                           1.0 if predict == "split" else 0.9, 0.1], dtype=_F64)
+        flags = (int(momentum) | 2 | int(objective) << 2 | int(lerp) << 3
+                 | int(bool(predict)) << 4)
+        res = k.update(mine, got[1] if momentum else None,
+                       got[2] if lerp or predict else None, lr, wd, sc, flags, ys)
+        ok = abs(res[0].item() - h_max.item()) <= 1e-12 * abs(h_max.item())
+        ok = ok and (not predict or abs(res[1].item() - ref_d2) <= 1e-12 * abs(ref_d2))
+        for r, g in zip(ref, got):
+            ok = ok and all(torch.allclose(x, y, **tol) for x, y in zip(r, g))
+        if not ok:
+            raise RuntimeError(f"self-check failed (update, {dtype})")
 
 
 def _native_kernels() -> Optional[_Kernels]:
@@ -1183,10 +1610,12 @@ class KOALAM(KOALA):
                  r_init: float = 1.0, r_mode: str = "paper", target: str = "relative",
                  wd_mode: str = "objective", skip: str = "layer", skip_threshold: float = 1e-9,
                  foreach: Optional[bool] = None, compile: Optional[bool] = None,
-                 native: Optional[bool] = None, fuse_predict: bool = False):
+                 native: Optional[bool] = None, fuse_predict: bool = False,
+                 predict_buffer: bool = True):
         super().__init__(params, lr=lr, variant="m", weight_decay=weight_decay, sw=sw, sc=sc,
                          sv=sv, kappa=kappa, qw=qw, qv=qv, q_mode=q_mode, avg_beta=avg_beta,
                          q_beta=q_beta, r=r, r_beta=r_beta, r_init=r_init, r_mode=r_mode,
                          target=target, wd_mode=wd_mode, skip=skip,
                          skip_threshold=skip_threshold, foreach=foreach, compile=compile,
-                         native=native, fuse_predict=fuse_predict)
+                         native=native, fuse_predict=fuse_predict,
+                         predict_buffer=predict_buffer)
