@@ -666,3 +666,28 @@ def test_predict_buffer_not_used_after_the_weights_changed():
     (_, seen_p, _, _), (_, seen_b, _, ptr_b) = _buffer_pair(steps=5, touch_at=4)
     assert all(torch.equal(x, y) for x, y in zip(seen_p[4], seen_b[4]))
     assert ptr_b[3] == ptr_b[4]                         # no swap at the touched step
+
+
+def test_predict_buffer_leaves_views_of_a_flat_buffer_in_place():
+    """Parameters that are views into one flat tensor are not given a storage of their own:
+    the in-place order runs (the same weights), and they stay views of the flat tensor."""
+    _native_or_skip()
+    base, centres, scales = _problem(D)
+    seen = {}
+    for flat in (False, True):
+        if flat:
+            buf = torch.cat([b.flatten() for b in base])
+            views = buf.split([b.numel() for b in base])
+            ps = [nn.Parameter(v.view_as(b)) for v, b in zip(views, base)]
+        else:
+            ps = [nn.Parameter(b.clone()) for b in base]
+        opt = KOALA(_groups(ps), variant="m", compile=False, native=True,
+                    predict_buffer=flat)          # the flat one asks for the buffer
+        seen[flat] = []
+        for k in range(4):
+            opt.step(_problem_closure(ps, centres, scales, seen[flat]))
+        if flat:
+            assert ps[1].data_ptr() == buf.data_ptr() + base[0].numel() * buf.element_size()
+            assert torch.equal(buf[:base[0].numel()], ps[0].detach().flatten())
+    for a, b in zip(seen[False], seen[True]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -121,7 +121,9 @@ the paper's point, but that step's Q and the weight average come from the weight
 left (the paper's predict would take them after the change). The state between steps differs
 from the in-place order only in ``x_avg`` (already moved), ``diff_sq`` (the next Q's
 ||x - x_avg||^2) and the marker ``avg_ahead``, all in the state_dict; any code path continues
-from it. ``predict_buffer=False``: the paper's order in place.
+from it. Parameters that are views into a larger storage (a flat parameter buffer) keep the
+in-place order: swapping their storage would cut them loose. ``predict_buffer=False``: the
+paper's order in place.
 
 ``fuse_predict=True`` (KOALA-M, an option; not in the paper or the code) moves step k+1's
 element-wise predict into step k's update in place: one C-kernel pass (read x, g, v, x_avg;
@@ -600,6 +602,12 @@ class KOALA(Optimizer):
         fused = momentum and self._fusable(layout)
         split = (momentum and not fused and self.predict_buffer and self.q_mode == "paper"
                  and self._covers_all(layout))
+        ys = None
+        if split:           # the storage the predict swapped out (the layout's shapes), or new
+            ys = self._ybufs
+            if ys is None or len(ys) != len(layout.params):
+                ys = _new_predict_buffer(layout.params)
+            split = ys is not None
         lerp = momentum and self.q_mode == "code"
         pg = self.param_groups
         lr = torch.tensor([float(pg[i]["lr"]) for i in layout.groups], dtype=_F64)
@@ -615,12 +623,6 @@ class KOALA(Optimizer):
         params = layout.params
         vs, avgs, _ = self._bufs(layout) if momentum else (None, None, None)
         avgs = avgs if lerp or fused or split else None
-        ys = None
-        if split:           # the storage the predict swapped out (the layout's shapes), or new
-            ys = self._ybufs
-            if ys is None or len(ys) != len(params):
-                ys = [torch.empty_like(p, memory_format=torch.contiguous_format)
-                      for p in params]
         res = _native_kernels().update(layout, vs, avgs, lr, wd, sc, flags, ys)
         self._pending = None
         torch.autograd.graph.increment_version(params)
@@ -748,6 +750,17 @@ class KOALA(Optimizer):
             p.addcmul_(g, neg_a[i])
             if avgs is not None:
                 avgs[i].lerp_(p, cols[4][i])
+
+
+def _new_predict_buffer(params: list) -> Optional[list]:
+    """Buffers for the next step's x + v, shaped like ``params``; None (the in-place order) where
+    a parameter is a view into a larger storage (a flat parameter buffer): swapping its storage
+    would cut it loose from the rest."""
+    for p in params:
+        if (p.storage_offset() != 0
+                or p.untyped_storage().nbytes() != p.numel() * p.element_size()):
+            return None
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
 
 def _gains(gn: Tensor, wsq: Tensor, dots: Tensor, lr: Tensor, wd: Tensor, P_hat: Tensor,
