@@ -797,11 +797,12 @@ def _gains(gn: Tensor, wsq: Tensor, dots: Tensor, lr: Tensor, wd: Tensor, P_hat:
 
 
 # ---------------------------------------------------------------------- C kernels (CPU)
-# One pass per kernel over all tensors at once: the tensors are cut into chunks of ``_CHUNK``
-# elements (a table of (tensor, offset, length)) and one OpenMP loop (static schedule) runs over
-# the chunks, so a step has three parallel regions, not three per tensor. Reductions are summed
-# per chunk in double (independent accumulators, so that the sum is bandwidth-bound) and then per
-# tensor in chunk order: the result does not depend on the thread count. Element-wise arithmetic
+# The tensors are cut into chunks of ``_CHUNK`` elements (a table of (tensor, offset, length)).
+# The predict, reduce and apply kernels run one OpenMP loop (static schedule) over all chunks of
+# all tensors; the update kernel runs one parallel region that goes tensor by tensor, each
+# tensor's chunks split over the threads (see koala_update). Reductions are summed per chunk in
+# double (independent accumulators, so that the sum is bandwidth-bound) and then per tensor in
+# chunk order: the result does not depend on the thread count. Element-wise arithmetic
 # is the eager path's, operation by operation, in the parameters' dtype (``-ffp-contract=off``:
 # no fused multiply-adds the eager ops would not do). Compiled once per machine with the system C
 # compiler into ``$SSL_SUITE_CACHE`` (default ``~/.cache/ssl_suite``) and loaded with ctypes; the
