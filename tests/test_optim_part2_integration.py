@@ -13,7 +13,7 @@ from ssl_suite.engine.pretrain import pretrain
 from ssl_suite.engine.runs import load_encoder
 from ssl_suite.optim import KOALAM, KOALAV, MBF, NSGD, SVI
 
-from helpers import tiny_config
+from helpers import killed_after_first_checkpoint, tiny_config
 
 PART2 = {"nsgd": NSGD, "koalav": KOALAV, "koalam": KOALAM, "mbf": MBF, "svi": SVI}
 
@@ -93,3 +93,38 @@ def test_unknown_eval_optimizer_is_a_one_line_error(run_dir):
     cfg, run_cfg = _cfg(run_dir, "linear.optimizer=nosuchopt", "linear.lrs=[0.05]")
     with pytest.raises(OptimizerError, match="nosuchopt"):
         linear_eval(str(run_dir), cfg, run_cfg)
+
+
+def test_koalam_on_its_c_kernels_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """KOALA-M with its predict buffer (the weights' storage swapped every step) in BYOL: a run
+    killed right after its checkpoint at step 3 and resumed (no buffer in the checkpoint: x + v
+    recomputed) ends with the online and target weights of the run that was not interrupted."""
+    from safetensors.torch import load_file
+
+    from ssl_suite.engine import checkpoint as ckpt
+    from ssl_suite.engine import pretrain as pretrain_mod
+    from ssl_suite.optim import koala
+    if koala._native_kernels() is None:
+        pytest.skip(f"KOALA C kernels unavailable: {koala._NATIVE.get('error')}")
+    extra = {"train.max_steps": 6, "optim.name": "koalam", "optim.base_lr": 0.05,
+             "optim.kwargs": {"native": True}}
+    swaps, real = [], koala.KOALA._move_ahead
+
+    def counting(self, params):
+        before = [p.data_ptr() for p in params]
+        real(self, params)
+        swaps.append(before != [p.data_ptr() for p in params])
+    monkeypatch.setattr(koala.KOALA, "_move_ahead", counting)
+    pretrain(tiny_config(tmp_path / "full", **extra))
+    assert swaps == [True] * 5                      # steps 2-6 swapped the buffer in
+    with killed_after_first_checkpoint(monkeypatch):
+        pretrain(tiny_config(tmp_path / "killed", **extra, **{"train.checkpoint_every": 3}))
+    res = pretrain(pretrain_mod.resume_config(str(tmp_path / "killed")),
+                   resume_dir=str(tmp_path / "killed"))
+    assert res.step == 6
+    for name in ("online.safetensors", "target.safetensors"):
+        a = load_file(str(ckpt.latest_checkpoint(tmp_path / "full") / name))
+        b = load_file(str(ckpt.latest_checkpoint(tmp_path / "killed") / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
