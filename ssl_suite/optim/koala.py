@@ -596,8 +596,9 @@ class KOALA(Optimizer):
 
     def _update_native(self, layout: "_Layout", P_hat: Tensor, L: Tensor, R_new: Tensor) -> None:
         """The whole update in one C kernel (``skip="layer"``): tensor after tensor, its
-        reductions, its gains (:func:`_gains`'s formulas in C) and its step while it is still in
-        cache; with ``fuse_predict`` the next step's predict in the same pass."""
+        reductions, its gains (:func:`_gains`'s formulas in C) and its step; with
+        ``fuse_predict`` the next step's predict in the same pass, in place, and with the
+        predict buffer the same into the buffer (module docstring)."""
         momentum = self.variant == "m"
         fused = momentum and self._fusable(layout)
         split = (momentum and not fused and self.predict_buffer and self.q_mode == "paper"
