@@ -566,9 +566,6 @@ class KOALA(Optimizer):
         self._posterior(P_hat, h_max, R_new)
 
         dtype = all_params[0].dtype
-        if native is not None and self._fusable(native):
-            glob["diff_sq"] = self._apply_native_fused(native, coefs, dtype, dev)
-            return
         if native is not None:
             self._apply_native(native, coefs, dtype)
             return
@@ -600,9 +597,9 @@ class KOALA(Optimizer):
         ``fuse_predict`` the next step's predict in the same pass, in place, and with the
         predict buffer the same into the buffer (module docstring)."""
         momentum = self.variant == "m"
-        fused = momentum and self._fusable(layout)
-        split = (momentum and not fused and self.predict_buffer and self.q_mode == "paper"
-                 and self._covers_all(layout))
+        ahead = momentum and self.q_mode == "paper" and self._covers_all(layout)
+        fused = ahead and self.fuse_predict                 # the next predict in place
+        split = ahead and not fused and self.predict_buffer  # ... into the predict buffer
         ys = None
         if split:           # the storage the predict swapped out (the layout's shapes), or new
             ys = self._ybufs
@@ -613,7 +610,7 @@ class KOALA(Optimizer):
         pg = self.param_groups
         lr = torch.tensor([float(pg[i]["lr"]) for i in layout.groups], dtype=_F64)
         wd = torch.tensor([float(pg[i]["weight_decay"]) for i in layout.groups], dtype=_F64)
-        ph = P_hat.reshape(-1).tolist() if momentum else [P_hat.item(), 0.0]
+        ph = P_hat.reshape(-1).tolist() if momentum else [P_hat.item(), 0.0]   # CPU: no sync
         kin = self.kappa if self._pending is not None else 1.0     # 1: v^ already decayed
         sc = torch.tensor([ph[0], ph[2] if momentum else 0.0, R_new.item(), L.item(),
                            self.skip_threshold, kin, 1.0 if split else self.kappa,
@@ -662,10 +659,6 @@ class KOALA(Optimizer):
             cols = full
         return cols.contiguous()
 
-    def _fusable(self, layout: "_Layout") -> bool:
-        """``fuse_predict`` in one C-kernel pass: paper q_mode and :meth:`_covers_all`."""
-        return self.fuse_predict and self.q_mode == "paper" and self._covers_all(layout)
-
     def _covers_all(self, layout: "_Layout") -> bool:
         """The layout covers every parameter, their velocities and averages contiguous (the
         next predict can be done in the update's pass)."""
@@ -681,19 +674,6 @@ class KOALA(Optimizer):
             avgs = [self.state[p]["x_avg"] for p in layout.params]
             layout.bufs = (vs, avgs, all(t.is_contiguous() for t in vs + avgs))
         return layout.bufs
-
-    def _apply_native_fused(self, layout: "_Layout", coefs: list, dtype, dev) -> Tensor:
-        """The update and the next step's predict in one pass (``fuse_predict``); returns
-        sum ||x - x_avg||^2 for the next step's Q."""
-        kappa_in = self.kappa if self._pending is not None else 1.0
-        params = layout.params
-        vs, avgs, _ = self._bufs(layout)
-        diff_sq = _native_kernels().apply_predict(layout, params, vs, avgs,
-                                                  self._native_cols(layout, coefs, dtype),
-                                                  kappa_in, self.kappa, 1.0 - self.avg_beta)
-        self._pending = None
-        torch.autograd.graph.increment_version(params)
-        return diff_sq.to(dev)
 
     def _apply_native(self, layout: "_Layout", coefs: list, dtype) -> None:
         momentum = self.variant == "m"
@@ -1135,27 +1115,6 @@ void koala_apply_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g
     }
 }
 
-/* The update fused with the next predict over all tensors (see apply_predict_chunk);
-   *out = sum d^2. */
-void koala_apply_predict_$SUF(int64_t nch, const int64_t* ch, $S* const* x, $S* const* g,
-                              $S* const* v, $S* const* a, const $S* coef, const uint8_t* wd,
-                              int64_t ntensor, double kin, double kout, double w,
-                              double* part, double* out, int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t c = 0; c < nch; c++) {
-        const int64_t t = ch[3 * c], off = ch[3 * c + 1];
-        const $S cf[4] = {coef[t], coef[ntensor + t], coef[2 * ntensor + t],
-                          coef[3 * ntensor + t]};
-        part[c] = apply_predict_chunk_$SUF(x[t] + off, g[t] == NULL ? NULL : g[t] + off,
-                                           v[t] + off, a[t] + off, NULL, ch[3 * c + 2], cf,
-                                           wd[t],
-                                           ($S)kin, ($S)kout, ($S)w);
-    }
-    double sum = 0.0;
-    for (int64_t c = 0; c < nch; c++) sum += part[c];
-    *out = sum;
-}
-
 /* The whole update, one tensor after the other (skip="layer"): tensor t's chunks are split
    over the threads, each reduces its share, and after a barrier every thread sums the partial
    reductions in chunk order, computes t's gains from them (the same doubles in every thread,
@@ -1323,12 +1282,11 @@ class _Kernels:
         self._fn = {}
         for dtype, suf in ((torch.float32, "f32"), (torch.float64, "f64")):
             fns = tuple(getattr(lib, f"koala_{k}_{suf}")
-                        for k in ("predict", "reduce", "apply", "apply_predict", "update"))
+                        for k in ("predict", "reduce", "apply", "update"))
             fns[0].argtypes = [i64, vp, vp, vp, vp, vp, vp, f64, ci, ci]
             fns[1].argtypes = [i64, vp, vp, vp, vp, vp, vp, i64, ci]
             fns[2].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, ci, ci, ci]
-            fns[3].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, i64, f64, f64, f64, vp, vp, ci]
-            fns[4].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, vp, vp,
+            fns[3].argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, vp, vp,
                                vp, ci]
             for fn in fns:
                 fn.restype = None
@@ -1368,21 +1326,6 @@ class _Kernels:
             int(lerp), torch.get_num_threads())
         layout.grads = layout.pg = layout.px = None
 
-    def apply_predict(self, layout: _Layout, xs: list, vs: list, avgs: list, coefs: Tensor,
-                      kappa_in: float, kappa_out: float, w: float) -> Tensor:
-        """The KOALA-M update fused with the next predict (see the C source), in place; returns
-        sum ||x' - x_avg||^2 (float64, before the average moves)."""
-        out = torch.zeros((), dtype=_F64)
-        px = layout.px if xs is layout.params else _ptrs(xs)
-        pv, pa = _ptrs(vs), _ptrs(avgs)         # kept alive for the call
-        self._fn[layout.dtype][3](
-            layout.nch, layout.chunks.data_ptr(), px.data_ptr(), layout.pg.data_ptr(),
-            pv.data_ptr(), pa.data_ptr(), coefs.data_ptr(),
-            layout.wd_app.data_ptr(), len(layout.params), kappa_in, kappa_out, w,
-            layout.part.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        layout.grads = layout.pg = layout.px = None
-        return out
-
     def update(self, layout: _Layout, vs: Optional[list], avgs: Optional[list], lr: Tensor,
                wd: Tensor, scalars: Tensor, flags: int, ys: Optional[list] = None) -> Tensor:
         """The whole update tensor by tensor (``koala_update`` in the C source), in place;
@@ -1391,7 +1334,7 @@ class _Kernels:
         pv = _ptrs(vs) if vs is not None else None
         pa = _ptrs(avgs) if avgs is not None else None
         py = _ptrs(ys) if ys is not None else None
-        self._fn[layout.dtype][4](
+        self._fn[layout.dtype][3](
             len(layout.params), layout.first.data_ptr(), layout.chunks.data_ptr(),
             layout.px.data_ptr(), layout.pg.data_ptr(), None if pv is None else pv.data_ptr(),
             None if pa is None else pa.data_ptr(), None if py is None else py.data_ptr(),
@@ -1470,28 +1413,13 @@ def _self_check(k: _Kernels) -> None:
                 ok = ok and torch.allclose(as_[t], ref_a, **tol)
                 if not ok:
                     raise RuntimeError(f"self-check failed (apply, {dtype})")
-        # the fused update + predict against apply, then predict, then v <- kappa v
-        layout.prepare(gs, [True, False], True)
-        xs_, vs_, as_ = ([t.clone() for t in ts] for ts in (x0, v0, a0))
-        fused = k.apply_predict(layout, xs_, vs_, as_, coefs, 0.9, 0.8, 0.1).item()
-        layout.prepare(gs, [True, False], True)
-        xr, vr, ar = ([t.clone() for t in ts] for ts in (x0, v0, a0))
-        k.apply(layout, xr, vr, None, coefs, 0.9, True, False)
-        ref = k.predict(layout, xr, vr, ar, 0.1, True).item()
-        ok = abs(fused - ref) <= 1e-12 * max(ref, 1e-300)
-        for t in range(len(xs)):
-            ok = ok and torch.allclose(xs_[t], xr[t], **tol)
-            ok = ok and torch.allclose(vs_[t], vr[t] * 0.8, **tol)
-            ok = ok and torch.allclose(as_[t], ar[t], **tol)
-        if not ok:
-            raise RuntimeError(f"self-check failed (apply_predict, {dtype})")
         _self_check_update(k, layout, gs, x0, v0, a0, rnd, tol)
 
 
 def _self_check_update(k: _Kernels, layout: _Layout, gs: list, x0: list, v0: list, a0: list,
                        rnd, tol: dict) -> None:
-    """``koala_update`` against reduce, :func:`_gains` and apply (fused: apply_predict; split:
-    apply, then predict into a copy of the weights)."""
+    """``koala_update`` against reduce, :func:`_gains` and apply (fused: then predict and
+    v <- kappa v; split: then predict into a copy of the weights)."""
     dtype = layout.dtype
     P_hat = torch.tensor([[0.3, 0.05], [0.04, 0.2]], dtype=_F64)
     R, L, theta = torch.tensor(0.7, dtype=_F64), torch.tensor(1.3, dtype=_F64), 1e-9
@@ -1514,11 +1442,11 @@ def _self_check_update(k: _Kernels, layout: _Layout, gs: list, x0: list, v0: lis
         cols = cols.to(dtype).contiguous()
         ref = [[t.clone() for t in ts] for ts in (x0, v0, a0)]
         ref_d2 = 0.0
-        if predict == "fused":
-            ref_d2 = k.apply_predict(layout, *ref, cols, 0.9, 0.9, 0.1).item()
-        else:
-            k.apply(layout, ref[0], ref[1] if momentum else None, ref[2] if lerp else None,
-                    cols, 0.9, momentum, lerp)
+        k.apply(layout, ref[0], ref[1] if momentum else None, ref[2] if lerp else None,
+                cols, 0.9, momentum, lerp)
+        if predict == "fused":              # x = x' + v', the average moved, v = kappa v'
+            ref_d2 = k.predict(layout, ref[0], ref[1], ref[2], 0.1, True).item()
+            ref[1] = [v * 0.9 for v in ref[1]]
         if predict == "split":              # y = x' + v', the average moved; x' and v' stay
             ref.append([t.clone() for t in ref[0]])
             ref_d2 = k.predict(layout, ref[3], ref[1], ref[2], 0.1, True).item()
